@@ -1,0 +1,96 @@
+"""One typed settings object, read from the environment (prefix ``IMGQ_``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+DEFAULT_BROKER_URL = "redis://localhost:6379/0"
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything imgq reads from the environment. Built once by :func:`get_settings`."""
+
+    model_config = SettingsConfigDict(env_prefix="IMGQ_", extra="ignore")
+
+    # --- where things live -------------------------------------------------
+    broker_url: str = Field(DEFAULT_BROKER_URL, description="Celery broker (Redis) URL.")
+    result_backend: str | None = Field(
+        None, description="Celery result backend URL; defaults to the broker URL."
+    )
+    models_file: Path | None = Field(
+        None, description="TOML file that adds or overrides models in the registry."
+    )
+
+    # --- lifetimes ---------------------------------------------------------
+    result_expires: int = Field(
+        7 * 24 * 3600, ge=60, description="Seconds results and job records are kept."
+    )
+    visibility_timeout: int = Field(
+        3600,
+        ge=10,
+        description=(
+            "Seconds before Redis redelivers a task that a worker took but did not "
+            "acknowledge (the worker died). Must exceed the longest task."
+        ),
+    )
+
+    # --- producer ------------------------------------------------------------
+    chunk_size: int = Field(32, ge=1, le=4096, description="Image references per task.")
+
+    # --- worker --------------------------------------------------------------
+    worker_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Models a worker started with `celery -A workers.app worker` serves.",
+    )
+    batch_size: int = Field(32, ge=1, le=4096, description="Images per model call.")
+    decode_threads: int = Field(4, ge=1, le=256, description="Threads decoding images.")
+    allowed_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Local files are read only under these directories (empty: anywhere).",
+    )
+    max_image_bytes: int = Field(
+        50 * 1024 * 1024, ge=1, description="Largest image file or download, in bytes."
+    )
+    max_image_pixels: int = Field(
+        89_478_485,
+        ge=1,
+        description="Largest decoded image (width x height); beyond it, a decompression bomb.",
+    )
+    fetch_timeout: float = Field(10.0, gt=0, description="Seconds to fetch one URL.")
+    fetch_max_redirects: int = Field(5, ge=0, description="Redirects followed per URL.")
+    allow_private_urls: bool = Field(
+        False,
+        description="Fetch URLs on loopback, private and link-local addresses (trusted networks).",
+    )
+    memory_growth: bool = Field(True, description="Allocate GPU memory as needed, not all at once.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_lists(cls, data: object) -> object:
+        if isinstance(data, dict):
+            for key in ("worker_models", "allowed_roots"):
+                if key in data:
+                    data[key] = _split_csv(data[key])
+        return data
+
+    @property
+    def backend_url(self) -> str:
+        """The result backend URL actually used."""
+        return self.result_backend or self.broker_url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first use."""
+    return Settings()

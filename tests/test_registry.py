@@ -1,0 +1,96 @@
+"""The model registry: built-ins, a user's TOML file, and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared.registry import (
+    BUILTIN_MODELS,
+    Activation,
+    RegistryError,
+    get_model,
+    load_registry,
+    model_from_queue,
+    queue_for,
+)
+
+
+def test_builtins_match_the_model_cards() -> None:
+    resnet = BUILTIN_MODELS["resnet50"]
+    assert resnet.handle == "https://tfhub.dev/tensorflow/resnet_50/classification/1"
+    assert resnet.input_size == (224, 224)
+    assert resnet.activation is Activation.SOFTMAX
+    assert resnet.labels == "imagenet1k-background"
+    bit = BUILTIN_MODELS["bit_m_r152x4"]
+    assert bit.handle == "https://tfhub.dev/google/bit/m-r152x4/imagenet21k_classification/1"
+    assert bit.activation is Activation.SIGMOID
+    assert bit.labels == "imagenet21k"
+    assert load_registry(None) == BUILTIN_MODELS
+
+
+def test_queues_per_model() -> None:
+    assert queue_for("resnet50") == "imgq.resnet50"
+    assert model_from_queue("imgq.resnet50") == "resnet50"
+    assert model_from_queue("celery") is None
+    assert model_from_queue("imgq.") is None
+
+
+def test_models_file_adds_and_overrides(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    f = tmp_path / "models.toml"
+    f.write_text(
+        """
+[models.my_model]
+handle = "sub/saved"
+input_size = [192, 256]
+activation = "none"
+labels = "my-labels.txt"
+
+[models.resnet50]
+handle = "/models/resnet50"
+""",
+        encoding="utf-8",
+    )
+    reg = load_registry(f)
+    mine = reg["my_model"]
+    assert mine.handle == str((tmp_path / "sub" / "saved").resolve())
+    assert mine.input_size == (192, 256)
+    assert mine.activation is Activation.NONE
+    assert mine.labels == "my-labels.txt"
+    assert mine.labels_base_dir == tmp_path.resolve()
+    # An override keeps what it does not change.
+    assert reg["resnet50"].handle == "/models/resnet50"
+    assert reg["resnet50"].labels == "imagenet1k-background"
+    assert reg["resnet50"].activation is Activation.SOFTMAX
+    assert reg["bit_m_r152x4"] == BUILTIN_MODELS["bit_m_r152x4"]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('[models.x]\nlabels = "imagenet1k"\n', "missing required keys ['handle']"),
+        ('[models.x]\nhandle = "/m"\nlabels = "imagenet1k"\nactivation = "relu"\n', "activation"),
+        ('[models.x]\nhandle = "/m"\nlabels = "imagenet1k"\ninput_size = [1, 2, 3]\n', "input_size"),
+        ('[models.x]\nhandle = "/m"\nlabels = "imagenet1k"\ncolour = 1\n', "unknown keys"),
+        ('[models.Bad-Name]\nhandle = "/m"\nlabels = "imagenet1k"\n', "lower-case"),
+        ("[models.x\n", "not valid TOML"),
+        ('[other]\nx = 1\n', "only [models.NAME]"),
+    ],
+)
+def test_models_file_errors(tmp_path: Path, body: str, message: str) -> None:
+    f = tmp_path / "models.toml"
+    f.write_text(body, encoding="utf-8")
+    with pytest.raises(RegistryError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_registry(f)
+
+
+def test_missing_models_file_names_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(RegistryError, match="IMGQ_MODELS_FILE"):
+        load_registry(tmp_path / "nope.toml")
+
+
+def test_unknown_model_lists_known_ones() -> None:
+    with pytest.raises(RegistryError, match="known models: bit_m_r152x4, resnet50"):
+        get_model(BUILTIN_MODELS, "vgg")

@@ -1,0 +1,86 @@
+"""Builds the Celery app from settings. Producers and workers share this wiring;
+tasks live in ``workers.tasks`` and are sent by name, so producers never import
+TensorFlow."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+from shared.jobs import JobStore
+from shared.settings import Settings, get_settings
+
+CLASSIFY_TASK = "imgq.classify"
+DEFAULT_QUEUE = "imgq.default"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Every Celery setting imgq relies on, explicit and with the reason for it."""
+    return {
+        "broker_url": settings.broker_url,
+        "result_backend": settings.backend_url,
+        # JSON only: a pickled message could run code on the worker. Anything
+        # else is rejected by kombu before it reaches a task.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # Acknowledge a task after it ran, not when it was received, so a task
+        # whose worker dies is delivered again instead of being lost; a worker
+        # lost mid-task (SIGKILL, OOM) requeues it rather than failing it.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        # Tasks are long (a model call on a whole chunk): take one at a time per
+        # pool slot, so idle workers, not busy ones, get the next chunk.
+        "worker_prefetch_multiplier": 1,
+        # Redis redelivers a task that was taken but not acknowledged after this
+        # long; it must exceed the longest task (see docs/operations.md).
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
+        # On a lost broker connection, cancel (and so redeliver) running late-ack
+        # tasks rather than acknowledging them on a connection that is gone.
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        # Task events for Flower: sent, started, succeeded, failed, retried.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        # Results expire with the job records (IMGQ_RESULT_EXPIRES).
+        "result_expires": settings.result_expires,
+        # Every model has its own queue (imgq.<model>, chosen when a task is
+        # sent); anything else lands on the default queue.
+        "task_default_queue": DEFAULT_QUEUE,
+        "task_queues": [Queue(DEFAULT_QUEUE)],
+        "task_create_missing_queues": True,
+        # TensorFlow does not survive fork(): workers run a thread pool in the
+        # process that loaded the models (or solo). Prefork is refused at start.
+        "worker_pool": "threads",
+        "worker_concurrency": 2,
+        "worker_hijack_root_logger": False,
+        "enable_utc": True,
+    }
+
+
+def create_app(settings: Settings | None = None, *, include: list[str] | None = None) -> Celery:
+    """A Celery app configured from ``settings`` (read from the environment when omitted).
+
+    The configuration is read when the app is first used, not at import time, so
+    importing ``workers.app`` never fails on a bad environment.
+    """
+    app = Celery("imgq", include=include or [])
+    app.add_defaults(lambda: celery_config(settings or get_settings()))
+    return app
+
+
+def job_store_for(app: Celery) -> JobStore:
+    """The job store on the result backend's Redis connection pool."""
+    client = getattr(app.backend, "client", None)
+    if client is None:
+        raise RuntimeError(
+            f"imgq keeps job records in Redis; the result backend {app.conf.result_backend!r} "
+            "is not a Redis URL (set IMGQ_RESULT_BACKEND to redis:// or rediss://)"
+        )
+    return JobStore(client, ttl=int(app.conf.result_expires))

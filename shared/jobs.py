@@ -1,0 +1,258 @@
+"""Job records in Redis, so that ``status`` and ``results`` work from any machine.
+
+Keys (all expire after ``IMGQ_RESULT_EXPIRES`` seconds, with the results):
+
+- ``imgq:job:<id>``           hash: id, models, total images, chunk size, chunk count, created
+- ``imgq:job:<id>:chunks``    list: chunk i is a JSON list of image references
+- ``imgq:job:<id>:done``      hash: task id -> "ok failed" for every finished task
+
+Task ids are derived (``<job>.<model>.<chunk>``), so a task delivered twice, or a
+job resubmitted with the same id, writes the same fields again: counts never double.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from shared.schemas import ImageRef
+
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_PREFIX = "imgq:job:"
+_PUSH_BATCH = 1000
+
+
+class JobError(ValueError):
+    """A job id is malformed, unknown or expired, or a job conflicts with an existing one."""
+
+
+def new_job_id() -> str:
+    """A readable, unique job id: UTC time plus random hex."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+
+
+def check_job_id(job_id: str) -> str:
+    """The job id, or a JobError when it has characters a job id may not have."""
+    if not JOB_ID_RE.match(job_id):
+        raise JobError(
+            f"job id {job_id!r} must be 1-64 letters, digits, '-' or '_'"
+        )
+    return job_id
+
+
+def task_id(job_id: str, model: str, chunk: int) -> str:
+    """The Celery task id of one chunk for one model (deterministic)."""
+    return f"{job_id}.{model}.{chunk:06d}"
+
+
+def parse_task_id(tid: str) -> tuple[str, str, int]:
+    """(job id, model, chunk index) from a task id made by :func:`task_id`."""
+    job_id, model, chunk = tid.split(".")
+    return job_id, model, int(chunk)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """What is known about a job when it is submitted."""
+
+    job_id: str
+    models: tuple[str, ...]
+    total_images: int
+    chunk_size: int
+    n_chunks: int
+    created: float
+
+    def task_ids(self, model: str) -> list[str]:
+        """The job's task ids for one model, in chunk order."""
+        return [task_id(self.job_id, model, i) for i in range(self.n_chunks)]
+
+
+@dataclass
+class ModelCounts:
+    """Per-image counts for one model of a job."""
+
+    total: int
+    done: int = 0
+    failed: int = 0
+    tasks_total: int = 0
+    tasks_finished: int = 0
+
+    @property
+    def pending(self) -> int:
+        """Images with neither a result nor an error yet."""
+        return self.total - self.done - self.failed
+
+    def as_dict(self) -> dict[str, int]:
+        """Counts as a plain dict (for JSON output)."""
+        return {
+            "total": self.total,
+            "done": self.done,
+            "failed": self.failed,
+            "pending": self.pending,
+        }
+
+
+@dataclass
+class JobStatus:
+    """Progress of a job, per model."""
+
+    job: JobRecord
+    models: dict[str, ModelCounts] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        """True when every task of every model has finished."""
+        return all(c.tasks_finished >= c.tasks_total for c in self.models.values())
+
+    @property
+    def images_finished(self) -> int:
+        """Image results (classified or failed) summed over models."""
+        return sum(c.done + c.failed for c in self.models.values())
+
+    @property
+    def images_total(self) -> int:
+        """Images times models."""
+        return sum(c.total for c in self.models.values())
+
+
+class JobStore:
+    """Reads and writes job records in Redis."""
+
+    def __init__(self, client: redis.Redis, *, ttl: int) -> None:
+        self.client = client
+        self.ttl = ttl
+
+    @staticmethod
+    def _key(job_id: str, suffix: str = "") -> str:
+        return f"{_PREFIX}{job_id}{suffix}"
+
+    def create(
+        self,
+        job_id: str,
+        models: Sequence[str],
+        chunks: Sequence[Sequence[ImageRef]],
+        *,
+        chunk_size: int,
+    ) -> JobRecord:
+        """Record a new job and its chunks; a JobError if the id is taken by a different job."""
+        check_job_id(job_id)
+        record = JobRecord(
+            job_id=job_id,
+            models=tuple(models),
+            total_images=sum(len(c) for c in chunks),
+            chunk_size=chunk_size,
+            n_chunks=len(chunks),
+            created=time.time(),
+        )
+        meta = {
+            "job_id": job_id,
+            "models": json.dumps(list(record.models)),
+            "total_images": str(record.total_images),
+            "chunk_size": str(chunk_size),
+            "n_chunks": str(record.n_chunks),
+            "created": repr(record.created),
+        }
+        key = self._key(job_id)
+        # HSETNX on the id field claims the job atomically; a second submit with
+        # the same id finds it claimed.
+        if not self.client.hsetnx(key, "job_id", job_id):
+            raise JobError(f"job {job_id!r} already exists")
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(key, mapping=meta)
+        ckey = self._key(job_id, ":chunks")
+        pipe.delete(ckey)
+        encoded = [json.dumps([[r.src, r.ref] for r in chunk]) for chunk in chunks]
+        for start in range(0, len(encoded), _PUSH_BATCH):
+            pipe.rpush(ckey, *encoded[start : start + _PUSH_BATCH])
+        for k in (key, ckey, self._key(job_id, ":done")):
+            pipe.expire(k, self.ttl)
+        pipe.execute()
+        return record
+
+    def get(self, job_id: str) -> JobRecord:
+        """The job record, or a JobError saying it is unknown or expired."""
+        check_job_id(job_id)
+        raw: dict[bytes, bytes] = self.client.hgetall(self._key(job_id))  # type: ignore[assignment]
+        if not raw or b"n_chunks" not in raw:
+            raise JobError(
+                f"job {job_id!r} is unknown or has expired (job records and results are "
+                "kept for IMGQ_RESULT_EXPIRES seconds)"
+            )
+        data = {k.decode(): v.decode() for k, v in raw.items()}
+        return JobRecord(
+            job_id=data["job_id"],
+            models=tuple(json.loads(data["models"])),
+            total_images=int(data["total_images"]),
+            chunk_size=int(data["chunk_size"]),
+            n_chunks=int(data["n_chunks"]),
+            created=float(data["created"]),
+        )
+
+    def chunk(self, job_id: str, index: int) -> list[ImageRef]:
+        """The image references of one chunk."""
+        raw = self.client.lindex(self._key(job_id, ":chunks"), index)
+        if raw is None:
+            raise JobError(f"job {job_id!r} has no chunk {index}")
+        return _decode_chunk(raw)  # type: ignore[arg-type]
+
+    def iter_chunks(self, job_id: str, *, batch: int = 500) -> Iterator[list[ImageRef]]:
+        """Every chunk of a job, in order."""
+        key = self._key(job_id, ":chunks")
+        start = 0
+        while True:
+            raw: list[bytes] = self.client.lrange(key, start, start + batch - 1)  # type: ignore[assignment]
+            if not raw:
+                return
+            for item in raw:
+                yield _decode_chunk(item)
+            start += batch
+
+    def mark_finished(self, tid: str, *, ok: int, failed: int) -> None:
+        """Record that a task finished with ``ok`` results and ``failed`` errors (idempotent)."""
+        job_id = parse_task_id(tid)[0]
+        key = self._key(job_id, ":done")
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(key, tid, f"{ok} {failed}")
+        pipe.expire(key, self.ttl)
+        pipe.execute()
+
+    def finished_tasks(self, job_id: str) -> dict[str, tuple[int, int]]:
+        """Task id -> (ok, failed) for every finished task of a job."""
+        raw: dict[bytes, bytes] = self.client.hgetall(self._key(job_id, ":done"))  # type: ignore[assignment]
+        out: dict[str, tuple[int, int]] = {}
+        for k, v in raw.items():
+            ok, failed = v.split()
+            out[k.decode()] = (int(ok), int(failed))
+        return out
+
+    def status(self, job_id: str) -> JobStatus:
+        """Per-model counts of a job."""
+        job = self.get(job_id)
+        status = JobStatus(
+            job=job,
+            models={
+                m: ModelCounts(total=job.total_images, tasks_total=job.n_chunks)
+                for m in job.models
+            },
+        )
+        for tid, (ok, failed) in self.finished_tasks(job_id).items():
+            model = parse_task_id(tid)[1]
+            counts = status.models.get(model)
+            if counts is None:
+                continue
+            counts.done += ok
+            counts.failed += failed
+            counts.tasks_finished += 1
+        return status
+
+
+def _decode_chunk(raw: bytes | str) -> list[ImageRef]:
+    items: list[Any] = json.loads(raw)
+    return [ImageRef(src=src, ref=ref) for src, ref in items]

@@ -1,0 +1,240 @@
+"""The producer's Python API: submit sources to models, follow a job, fetch its results.
+
+    from producer import Client
+    client = Client()
+    job = client.submit(["./photos"], models=["resnet50"])
+    job.wait()
+    for record in job.iter_results():
+        print(record.image, record.top5[0].label if record.ok else record.error)
+
+Tasks are sent by name; nothing here imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery
+
+from shared.celery_app import CLASSIFY_TASK, create_app, job_store_for
+from shared.jobs import JobRecord, JobStatus, JobStore, check_job_id, new_job_id, task_id
+from shared.registry import ModelSpec, get_model, load_registry, queue_for
+from shared.schemas import ErrorCode, ImageRef, ResultRecord, error_record
+from shared.settings import Settings, get_settings
+from producer.sources import expand_sources
+
+_MGET_BATCH = 500
+
+
+class JobTimeout(TimeoutError):
+    """``wait`` ran out of time before the job finished."""
+
+
+@dataclass(frozen=True)
+class TaskOutcome:
+    """What the result backend holds for one task: its state and, when ready, its records."""
+
+    state: str
+    records: list[dict[str, Any]] | None = None
+    error: str | None = None
+
+
+class Client:
+    """Talks to the broker and the result backend named by the settings."""
+
+    def __init__(self, settings: Settings | None = None, *, app: Celery | None = None) -> None:
+        self.settings = settings or get_settings()
+        self.app = app or create_app(self.settings)
+        self._store: JobStore | None = None
+
+    @property
+    def store(self) -> JobStore:
+        """The job records in Redis."""
+        if self._store is None:
+            self._store = job_store_for(self.app)
+        return self._store
+
+    def registry(self) -> dict[str, ModelSpec]:
+        """The models known to this producer (built-ins and IMGQ_MODELS_FILE)."""
+        return load_registry(self.settings.models_file)
+
+    def submit(
+        self,
+        sources: Sequence[str | ImageRef],
+        *,
+        models: Sequence[str],
+        job_id: str | None = None,
+        chunk_size: int | None = None,
+    ) -> Job:
+        """Record a job and queue one task per chunk and model; the job's handle.
+
+        ``sources`` are expanded like the command line's (files, folders, globs,
+        manifests, URLs); ImageRef items are taken as they are.
+        """
+        if not models:
+            raise ValueError("name at least one model")
+        registry = self.registry()
+        models = list(dict.fromkeys(models))
+        for model in models:
+            get_model(registry, model)
+        refs: list[ImageRef] = []
+        strings: list[str] = []
+        for source in sources:
+            if isinstance(source, ImageRef):
+                refs.extend(expand_sources(strings))
+                strings = []
+                refs.append(source)
+            else:
+                strings.append(source)
+        refs.extend(expand_sources(strings))
+        if not refs:
+            raise ValueError("no images to submit")
+        size = chunk_size or self.settings.chunk_size
+        chunks = [refs[i : i + size] for i in range(0, len(refs), size)]
+        jid = check_job_id(job_id) if job_id else new_job_id()
+        record = self.store.create(jid, models, chunks, chunk_size=size)
+        job = Job(self, record)
+        for index, chunk in enumerate(chunks):
+            for model in models:
+                job.send_chunk(model, index, chunk)
+        return job
+
+    def job(self, job_id: str) -> Job:
+        """A handle on an existing job (a JobError when it is unknown or expired)."""
+        return Job(self, self.store.get(job_id))
+
+
+class Job:
+    """A submitted job: its status, a wait with progress, its results."""
+
+    def __init__(self, client: Client, record: JobRecord) -> None:
+        self.client = client
+        self.record = record
+
+    @property
+    def job_id(self) -> str:
+        """The job's id."""
+        return self.record.job_id
+
+    def send_chunk(self, model: str, index: int, chunk: Sequence[ImageRef]) -> str:
+        """Queue one chunk for one model; the task id (the same every time it is sent)."""
+        tid = task_id(self.job_id, model, index)
+        self.client.app.send_task(
+            CLASSIFY_TASK,
+            args=[self.job_id, model, index, [[r.src, r.ref] for r in chunk]],
+            task_id=tid,
+            queue=queue_for(model),
+            # What Flower shows: the job, model and size, not hundreds of paths.
+            argsrepr=f"(job={self.job_id!r}, model={model!r}, chunk={index}, images={len(chunk)})",
+            kwargsrepr="{}",
+        )
+        return tid
+
+    def resend_unfinished(self) -> int:
+        """Queue again every task without a result (resume after an interruption); how many.
+
+        Task ids are fixed, so a task that was still queued and now runs twice
+        writes the same result and counts once.
+        """
+        finished = set(self.client.store.finished_tasks(self.job_id))
+        sent = 0
+        for index, chunk in enumerate(self.client.store.iter_chunks(self.job_id)):
+            for model in self.record.models:
+                if task_id(self.job_id, model, index) not in finished:
+                    self.send_chunk(model, index, chunk)
+                    sent += 1
+        return sent
+
+    def status(self) -> JobStatus:
+        """Per-model counts: total, done, failed, pending."""
+        return self.client.store.status(self.job_id)
+
+    def wait(
+        self,
+        *,
+        progress: bool = True,
+        timeout: float | None = None,
+        poll_interval: float = 0.5,
+    ) -> JobStatus:
+        """Block until every task finished; a progress bar on stderr when ``progress``."""
+        from tqdm import tqdm
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        status = self.status()
+        bar = tqdm(
+            total=status.images_total,
+            unit="img",
+            desc=f"job {self.job_id}",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+        try:
+            while True:
+                bar.n = status.images_finished
+                failed = sum(c.failed for c in status.models.values())
+                bar.set_postfix(failed=failed, refresh=False)
+                bar.refresh()
+                if status.finished:
+                    return status
+                if deadline is not None and time.monotonic() > deadline:
+                    raise JobTimeout(
+                        f"job {self.job_id} not finished after {timeout:g} s "
+                        f"({status.images_finished}/{status.images_total} image results)"
+                    )
+                time.sleep(poll_interval)
+                status = self.status()
+        finally:
+            bar.close()
+
+    def _outcomes(self, task_ids: Sequence[str]) -> list[TaskOutcome]:
+        backend = self.client.app.backend
+        out: list[TaskOutcome] = []
+        for start in range(0, len(task_ids), _MGET_BATCH):
+            batch = task_ids[start : start + _MGET_BATCH]
+            values = backend.mget([backend.get_key_for_task(t) for t in batch])
+            for value in values:
+                if value is None:
+                    out.append(TaskOutcome(state="PENDING"))
+                    continue
+                meta = backend.decode_result(value)
+                state = meta["status"]
+                if state == "SUCCESS":
+                    out.append(TaskOutcome(state=state, records=meta["result"]))
+                elif state == "FAILURE":
+                    exc = meta.get("result")
+                    out.append(TaskOutcome(state=state, error=f"{type(exc).__name__}: {exc}"))
+                else:
+                    out.append(TaskOutcome(state=state))
+        return out
+
+    def iter_results(self) -> Iterator[ResultRecord]:
+        """Result records, chunk by chunk and model by model, for every finished task.
+
+        A task that failed for good yields a ``task_failed`` record for each of its
+        images, so a finished job has exactly one record per image and model.
+        """
+        models = self.record.models
+        n = self.record.n_chunks
+        for start in range(0, n, _MGET_BATCH):
+            stop = min(n, start + _MGET_BATCH)
+            ids = [task_id(self.job_id, m, i) for i in range(start, stop) for m in models]
+            outcomes = iter(self._outcomes(ids))
+            for index in range(start, stop):
+                for model in models:
+                    outcome = next(outcomes)
+                    if outcome.records is not None:
+                        for raw in outcome.records:
+                            yield ResultRecord.model_validate(raw)
+                    elif outcome.state == "FAILURE":
+                        for ref in self.client.store.chunk(self.job_id, index):
+                            yield error_record(
+                                self.job_id, ref.src, model, ErrorCode.TASK_FAILED,
+                                f"the task failed after its retries: {outcome.error}",
+                            )
+
+    def results(self) -> list[ResultRecord]:
+        """All result records available now (see :meth:`iter_results`)."""
+        return list(self.iter_results())

@@ -1,0 +1,263 @@
+"""The ``imgq`` command line: a thin shell over ``producer.api`` (and ``workers`` for ``imgq worker``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TextIO, TypeVar
+
+import click
+import redis
+
+from producer.api import Client, Job, JobTimeout
+from producer.output import write_records
+from producer.sources import SourceError
+from shared import __version__
+from shared.jobs import JobError, JobStatus
+from shared.registry import RegistryError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn the errors a user can cause into one clear line and exit status 1."""
+    try:
+        yield
+    except (JobError, RegistryError, SourceError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    except redis.exceptions.ConnectionError as exc:
+        from shared.settings import get_settings
+
+        raise click.ClickException(
+            f"cannot reach Redis at {_redact(get_settings().broker_url)}: {exc} "
+            "(set IMGQ_BROKER_URL, or start one: redis-server)"
+        ) from exc
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def _open_out(path: str | None) -> TextIO:
+    if path in (None, "-"):
+        return sys.stdout
+    return open(path, "w", encoding="utf-8", newline="")  # noqa: SIM115 - closed by caller
+
+
+def _format_for(path: str | None, fmt: str | None) -> str:
+    if fmt:
+        return fmt
+    if path and path.lower().endswith(".csv"):
+        return "csv"
+    return "jsonl"
+
+
+def _write_results(job: Job, out: str | None, fmt: str | None) -> int:
+    stream = _open_out(out)
+    try:
+        count = write_records(job.iter_results(), stream, _format_for(out, fmt))  # type: ignore[arg-type]
+    finally:
+        if stream is not sys.stdout:
+            stream.close()
+    return count
+
+
+def _print_status(status: JobStatus, *, as_json: bool) -> None:
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "job_id": status.job.job_id,
+                    "finished": status.finished,
+                    "created": status.job.created,
+                    "images": status.job.total_images,
+                    "models": {m: c.as_dict() for m, c in status.models.items()},
+                }
+            )
+        )
+        return
+    state = "finished" if status.finished else "running"
+    click.echo(f"job {status.job.job_id}: {state}, {status.job.total_images} images")
+    click.echo(f"{'model':<20} {'total':>8} {'done':>8} {'failed':>8} {'pending':>8}")
+    for model, c in status.models.items():
+        click.echo(f"{model:<20} {c.total:>8} {c.done:>8} {c.failed:>8} {c.pending:>8}")
+
+
+format_option = click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jsonl", "csv"]),
+    default=None,
+    help="Results format (default: csv for a .csv file, else jsonl).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="imgq")
+def main() -> None:
+    """Bulk image classification with TF Hub models on a Redis-backed Celery queue.
+
+    Settings come from the environment (IMGQ_BROKER_URL, IMGQ_RESULT_BACKEND,
+    IMGQ_MODELS_FILE, ...; see the README).
+    """
+
+
+@main.command()
+@click.option("-m", "--model", "models", multiple=True, required=True,
+              help="A model to serve (repeat for several). Its queue is imgq.<model>.")
+@click.option("-c", "--concurrency", type=int, default=None,
+              help="Tasks run at once in this process (threads; default 2).")
+@click.option("--pool", type=click.Choice(["threads", "solo"]), default="threads",
+              show_default=True, help="Worker pool. TensorFlow does not survive fork.")
+@click.option("--batch-size", type=int, default=None,
+              help="Images per model call [env IMGQ_BATCH_SIZE; default 32].")
+@click.option("--gpu", default=None,
+              help="The GPU this process uses (sets CUDA_VISIBLE_DEVICES); one process per GPU.")
+@click.option("-n", "--hostname", default=None,
+              help="Node name (default: imgq-<models>-<pid>@<host>); unique per worker.")
+@click.option("-l", "--loglevel", default="INFO", show_default=True, help="Log level.")
+def worker(
+    models: tuple[str, ...],
+    concurrency: int | None,
+    pool: str,
+    batch_size: int | None,
+    gpu: str | None,
+    hostname: str | None,
+    loglevel: str,
+) -> None:
+    """Start a worker: load MODELs once, then consume their queues."""
+    os.environ["IMGQ_WORKER_MODELS"] = ",".join(models)
+    if batch_size is not None:
+        os.environ["IMGQ_BATCH_SIZE"] = str(batch_size)
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    from shared.settings import get_settings
+
+    get_settings.cache_clear()
+    from workers.app import app
+
+    name = hostname or f"imgq-{'-'.join(models)}-{os.getpid()}@%h"
+    argv = ["worker", "--pool", pool, "--hostname", name, "--loglevel", loglevel,
+            "--task-events", "--without-gossip", "--without-mingle"]
+    if concurrency is not None:
+        argv += ["--concurrency", str(concurrency)]
+    app.worker_main(argv)
+
+
+@main.command()
+@click.argument("sources", nargs=-1, required=True)
+@click.option("-m", "--model", "models", multiple=True, required=True,
+              help="A model to classify every image with (repeat for several).")
+@click.option("--job-id", default=None, help="Choose the job id (letters, digits, - and _).")
+@click.option("--chunk-size", type=int, default=None,
+              help="Image references per task [env IMGQ_CHUNK_SIZE; default 32].")
+@click.option("--wait", is_flag=True, help="Wait for the job to finish, with a progress bar.")
+@click.option("--timeout", type=float, default=None, help="With --wait: give up after SECONDS.")
+@click.option("-o", "--out", default=None, help="With --wait: write the results to this file.")
+@format_option
+@click.option("--no-progress", is_flag=True, help="With --wait: no progress bar.")
+def submit(
+    sources: tuple[str, ...],
+    models: tuple[str, ...],
+    job_id: str | None,
+    chunk_size: int | None,
+    wait: bool,
+    timeout: float | None,
+    out: str | None,
+    fmt: str | None,
+    no_progress: bool,
+) -> None:
+    """Submit SOURCES (files, folders, globs, @manifests, .csv/.jsonl, URLs) as one job.
+
+    Without --wait the job id is printed alone on the last line, for scripts.
+    """
+    if out and not wait:
+        raise click.UsageError("--out needs --wait (or use: imgq results JOB_ID --out FILE)")
+    with _user_errors():
+        client = Client()
+        job = client.submit(list(sources), models=list(models), job_id=job_id,
+                            chunk_size=chunk_size)
+        click.echo(
+            f"submitted job {job.job_id}: {job.record.total_images} images x "
+            f"{len(job.record.models)} model(s), {job.record.n_chunks} chunk(s)",
+            err=wait,
+        )
+        if not wait:
+            click.echo(job.job_id)
+            return
+        try:
+            status = job.wait(progress=not no_progress, timeout=timeout)
+        except JobTimeout as exc:
+            raise click.ClickException(f"{exc}; follow it with: imgq status {job.job_id}") from exc
+        _print_status(status, as_json=False)
+        if out:
+            count = _write_results(job, out, fmt)
+            click.echo(f"wrote {count} records to {out}", err=True)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(job_id: str, as_json: bool) -> None:
+    """Show a job's counts per model: total, done, failed, pending."""
+    with _user_errors():
+        _print_status(Client().job(job_id).status(), as_json=as_json)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("-o", "--out", default="-", show_default=True, help="File to write ('-': stdout).")
+@format_option
+def results(job_id: str, out: str, fmt: str | None) -> None:
+    """Write a job's results: one record per image and model."""
+    with _user_errors():
+        job = Client().job(job_id)
+        status = job.status()
+        count = _write_results(job, out, fmt)
+        if not status.finished:
+            pending = sum(c.pending for c in status.models.values())
+            click.echo(f"job {job_id} is not finished: {pending} image results pending", err=True)
+        if out != "-":
+            click.echo(f"wrote {count} records to {out}", err=True)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def models(as_json: bool) -> None:
+    """List the models in the registry (built-ins and IMGQ_MODELS_FILE)."""
+    with _user_errors():
+        registry = Client().registry()
+    if as_json:
+        click.echo(json.dumps({
+            name: {
+                "handle": s.handle,
+                "input_size": list(s.input_size),
+                "activation": s.activation.value,
+                "labels": s.labels,
+                "queue": s.queue,
+                "description": s.description,
+            }
+            for name, s in registry.items()
+        }, indent=2))
+        return
+    for name, s in registry.items():
+        h, w = s.input_size
+        click.echo(f"{name}\n  handle:     {s.handle}\n  input:      {h}x{w} RGB [0, 1]\n"
+                   f"  activation: {s.activation.value}\n  labels:     {s.labels}\n"
+                   f"  queue:      {s.queue}")
+        if s.description:
+            click.echo(f"  about:      {s.description}")
+
+
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,157 @@
+"""Turns what a user names (files, folders, globs, manifests, URLs) into image references.
+
+Each reference keeps the source as the user gave it (``src``, shown in results) and
+what a worker reads (``ref``: an absolute path, or the URL). Local paths are not
+checked for existence here: a worker may see them on a shared volume, and one that
+does not gets a ``not_found`` record, so every submitted image has an outcome.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from shared.schemas import ImageRef
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+)
+MANIFEST_KEYS = ("image", "path", "url", "source", "src", "file")
+_GLOB_CHARS = set("*?[")
+
+
+class SourceError(ValueError):
+    """A source cannot be expanded (an empty glob, an unreadable or malformed manifest)."""
+
+
+def is_url(source: str) -> bool:
+    """True for anything with a scheme (http, https, file, s3 ...); workers decide what they read."""
+    return "://" in source
+
+
+def _ref(src: str, base: Path) -> ImageRef:
+    if is_url(src):
+        return ImageRef(src=src, ref=src)
+    path = Path(src).expanduser()
+    if not path.is_absolute():
+        path = base / path
+    return ImageRef(src=src, ref=os.path.abspath(path))
+
+
+def _walk(src: str, directory: Path) -> Iterator[ImageRef]:
+    """Image files under a directory, recursively, in a stable order."""
+    found: list[Path] = []
+    for root, dirs, files in os.walk(directory, followlinks=False):
+        dirs.sort()
+        found.extend(
+            Path(root) / f for f in sorted(files) if Path(f).suffix.lower() in IMAGE_EXTENSIONS
+        )
+    for path in sorted(found):
+        rel = path.relative_to(directory).as_posix()
+        yield ImageRef(src=f"{src.rstrip('/')}/{rel}", ref=os.path.abspath(path))
+
+
+def _manifest_entries(path: Path) -> Iterator[str]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise SourceError(f"cannot read manifest {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"manifest {path} is not UTF-8 text") from exc
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        rows = list(csv.reader(text.splitlines()))
+        if not rows:
+            return
+        header = [h.strip().lower() for h in rows[0]]
+        column = next((header.index(k) for k in MANIFEST_KEYS if k in header), None)
+        body = rows[1:] if column is not None else rows
+        col = column or 0
+        for n, row in enumerate(body, start=2 if column is not None else 1):
+            if len(row) <= col:
+                raise SourceError(f"{path}:{n}: row has no column {col + 1}")
+            if row[col].strip():
+                yield row[col].strip()
+    elif suffix == ".jsonl":
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SourceError(f"{path}:{n}: not JSON: {exc.msg}") from exc
+            if isinstance(item, str):
+                yield item
+            elif isinstance(item, dict):
+                key = next((k for k in MANIFEST_KEYS if isinstance(item.get(k), str)), None)
+                if key is None:
+                    raise SourceError(f"{path}:{n}: no {' / '.join(MANIFEST_KEYS)} field")
+                yield item[key]
+            else:
+                raise SourceError(f"{path}:{n}: expected a string or an object")
+    else:
+        for line in text.splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                yield line
+
+
+def _expand_one(source: str, base: Path, *, in_manifest: bool) -> Iterator[ImageRef]:
+    if is_url(source):
+        yield ImageRef(src=source, ref=source)
+        return
+    if source.startswith("@") and not in_manifest:
+        manifest = Path(source[1:]).expanduser()
+        yield from _expand_manifest(manifest if manifest.is_absolute() else base / manifest)
+        return
+    path = Path(source).expanduser()
+    full = path if path.is_absolute() else base / path
+    if any(c in source for c in _GLOB_CHARS) and not full.exists():
+        matches = sorted(glob.glob(str(full), recursive=True))
+        if not matches:
+            raise SourceError(f"no file matches {source!r}")
+        for match in matches:
+            rel = os.path.relpath(match, base) if not path.is_absolute() else match
+            if os.path.isdir(match):
+                yield from _walk(rel, Path(match))
+            elif Path(match).suffix.lower() in IMAGE_EXTENSIONS:
+                yield ImageRef(src=rel, ref=os.path.abspath(match))
+        return
+    if full.is_dir() and not in_manifest:
+        yield from _walk(source, full)
+        return
+    if not in_manifest and full.suffix.lower() in {".csv", ".jsonl"} and full.is_file():
+        yield from _expand_manifest(full)
+        return
+    yield _ref(source, base)
+
+
+def _expand_manifest(manifest: Path) -> Iterator[ImageRef]:
+    base = manifest.parent
+    for entry in _manifest_entries(manifest):
+        yield from _expand_one(entry, base, in_manifest=True)
+
+
+def expand_sources(sources: Iterable[str], *, cwd: Path | None = None) -> list[ImageRef]:
+    """Image references for every source, in the order given (folders sorted, recursive).
+
+    - ``http(s)://...``: a URL, fetched by the worker;
+    - a folder: its image files (by extension), recursively;
+    - a glob (``photos/**/*.jpg``): the matching image files;
+    - ``@list.txt``: a manifest, one source per line (``#`` comments);
+      ``.csv`` (column image/path/url/source, or the first) and ``.jsonl``
+      (strings, or objects with one of those keys) are manifests too;
+    - anything else: one image path, relative to the manifest's folder inside a manifest.
+
+    Entries in a manifest that name a folder are passed on as they are (the worker
+    answers ``is_directory``), so a manifest's length is its number of images.
+    """
+    base = (cwd or Path.cwd()).resolve()
+    out: list[ImageRef] = []
+    for source in sources:
+        out.extend(_expand_one(source, base, in_manifest=False))
+    return out

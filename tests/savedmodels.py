@@ -1,0 +1,71 @@
+"""Small TF2 SavedModels that follow TF Hub's image-classification convention,
+built by the tests: float32 [batch, height, width, 3] in [0, 1] -> [batch, classes]."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def build_classifier(
+    path: Path,
+    num_classes: int,
+    *,
+    output: str = "logits",
+    seed: int = 0,
+    fail_on_bright: bool = False,
+) -> Path:
+    """Save a deterministic linear classifier over a 4x4 colour grid of the image.
+
+    ``output``: "logits" (raw scores), "probs" (softmax applied inside the model),
+    or "dict" (logits under a single named output, like a serving signature).
+    ``fail_on_bright``: the model raises on a batch holding an all-white image
+    (a model error on one input, for poison-input tests).
+    """
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    weights = rng.normal(0.0, 4.0, size=(48, num_classes)).astype(np.float32)
+    bias = rng.normal(0.0, 0.5, size=(num_classes,)).astype(np.float32)
+
+    class Classifier(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = tf.Variable(weights)
+            self.b = tf.Variable(bias)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+        def __call__(self, images: tf.Tensor) -> tf.Tensor:
+            if fail_on_bright:
+                means = tf.reduce_mean(images, axis=[1, 2, 3])
+                tf.debugging.assert_less(means, 0.999, message="poison: an all-white image")
+            grid = tf.image.resize(images, [4, 4], method="area")
+            feats = tf.reshape(grid, [-1, 48]) - 0.5
+            logits = tf.matmul(feats, self.w) + self.b
+            if output == "probs":
+                return tf.nn.softmax(logits)
+            if output == "dict":
+                return {"logits": logits}
+            return logits
+
+    module = Classifier()
+    tf.saved_model.save(module, str(path))
+    return path
+
+
+def direct_scores(path: Path, images: np.ndarray, activation: str) -> np.ndarray:
+    """The model's activated outputs from a direct TensorFlow call (the reference)."""
+    import tensorflow as tf
+
+    model = tf.saved_model.load(str(path))
+    out = model(tf.constant(images, tf.float32))
+    if isinstance(out, dict):
+        out = next(iter(out.values()))
+    logits = out.numpy().astype(np.float64)
+    if activation == "softmax":
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+    if activation == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-logits))
+    return logits

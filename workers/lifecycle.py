@@ -1,0 +1,78 @@
+"""Worker start and stop: load the models before anything is consumed, refuse fork.
+
+Which models a worker serves: ``IMGQ_WORKER_MODELS`` (``imgq worker --model`` sets
+it), else the model queues given with ``-Q imgq.<model>``. Either way the worker
+consumes exactly the queues of the models it loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from celery.signals import worker_init, worker_shutdown
+
+from shared.registry import model_from_queue, queue_for
+from shared.settings import get_settings
+from workers.classifier import ModelLoadError
+from workers.runtime import Runtime
+from workers.state import get_runtime, set_runtime
+
+log = logging.getLogger(__name__)
+
+FORK_POOLS = {"prefork", "processes"}
+
+
+def _models_for(worker: Any) -> list[str]:
+    settings = get_settings()
+    queues = worker.app.amqp.queues
+    if settings.worker_models:
+        models = list(dict.fromkeys(settings.worker_models))
+        # Serve exactly the models' queues.
+        for name in list(queues.consume_from or {}):
+            queues.deselect(name)
+        for model in models:
+            queues.select_add(queue_for(model))
+        return models
+    selected = list((queues.consume_from or {}).keys())
+    models = [m for m in (model_from_queue(q) for q in selected) if m]
+    return list(dict.fromkeys(models))
+
+
+@worker_init.connect
+def load_models(sender: Any = None, **_: Any) -> None:
+    """Load every model of this worker in this process, before consuming starts."""
+    pool = sender.pool_cls if isinstance(sender.pool_cls, str) else sender.pool_cls.__name__
+    if str(pool).lower() in FORK_POOLS:
+        _fail(
+            f"the {pool!r} pool forks after the models load, and TensorFlow does not survive "
+            "fork(); run workers with --pool threads (the default) or --pool solo, one process "
+            "per GPU"
+        )
+    try:
+        runtime = Runtime.start(_models_for(sender), get_settings())
+    except ModelLoadError as exc:
+        _fail(str(exc))
+    set_runtime(runtime)
+    log.info(
+        "imgq worker serving %s on queues %s",
+        ", ".join(runtime.classifiers),
+        ", ".join(sender.app.amqp.queues.consume_from),
+    )
+
+
+@worker_shutdown.connect
+def release(**_: Any) -> None:
+    """Close the runtime when the worker stops."""
+    try:
+        get_runtime().close()
+    except RuntimeError:
+        return
+    set_runtime(None)
+
+
+def _fail(message: str) -> None:
+    log.critical("imgq worker cannot start: %s", message)
+    print(f"imgq worker cannot start: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)

@@ -13,7 +13,7 @@ Tasks are sent by name; nothing here imports TensorFlow.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,8 +158,13 @@ class Job:
         progress: bool = True,
         timeout: float | None = None,
         poll_interval: float = 0.5,
+        check: Callable[[], None] | None = None,
     ) -> JobStatus:
-        """Block until every task finished; a progress bar on stderr when ``progress``."""
+        """Block until every task finished; a progress bar on stderr when ``progress``.
+
+        ``check`` is called at every poll and may raise to stop waiting (for
+        example when the worker the caller started has died).
+        """
         from tqdm import tqdm
 
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -185,6 +190,8 @@ class Job:
                         f"({status.images_finished}/{status.images_total} image results)"
                     )
                 time.sleep(poll_interval)
+                if check is not None:
+                    check()
                 status = self.status()
         finally:
             bar.close()

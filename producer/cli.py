@@ -143,14 +143,16 @@ def worker(
     from shared.settings import get_settings
 
     get_settings.cache_clear()
-    from workers.app import app
-
     name = hostname or f"imgq-{'-'.join(models)}-{os.getpid()}@%h"
-    argv = ["worker", "--pool", pool, "--hostname", name, "--loglevel", loglevel,
+    argv = ["-A", "workers.app", "worker", "--pool", pool, "--hostname", name, "--loglevel", loglevel,
             "--task-events", "--without-gossip", "--without-mingle"]
     if concurrency is not None:
         argv += ["--concurrency", str(concurrency)]
-    app.worker_main(argv)
+    from celery.bin.celery import celery as celery_command
+
+    # The same entry point as `celery -A workers.app worker`; it exits with the
+    # worker's status (app.worker_main would drop it).
+    celery_command.main(args=argv, prog_name="celery", standalone_mode=True)
 
 
 @main.command()

@@ -59,7 +59,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # process that loaded the models (or solo). Prefork is refused at start.
         "worker_pool": "threads",
         "worker_concurrency": 2,
-        "worker_hijack_root_logger": False,
         "enable_utc": True,
     }
 

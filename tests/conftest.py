@@ -109,6 +109,9 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                          fail_on_bright=name == "tpoison")
         lines += [f"[models.{name}]", f'handle = "{name}"', "input_size = 32",
                   f'activation = "{activation}"', f'labels = "{labels}"', ""]
+    # Served by no shared worker: for tests that start a worker of their own.
+    lines += ["[models.tsolo]", 'handle = "tcustom"', "input_size = 32",
+              'labels = "custom-labels.txt"', ""]
     (base / "models.toml").write_text("\n".join(lines), encoding="utf-8")
     return base
 

@@ -127,15 +127,19 @@ class Classifier:
                     raise ModelLoadError(f"the model returns several outputs: {sorted(out)}")
                 out = next(iter(out.values()))
             logits = tf.cast(out, tf.float32)
+            width = tf.shape(logits)[-1]
+            # Rank on the raw outputs, then activate only the top k: both
+            # activations are monotonic, and this keeps classes apart that a
+            # float32 sigmoid would round to the same 1.0.
+            top = tf.math.top_k(logits, k=tf.minimum(top_k, width), sorted=True)
             if activation is Activation.SOFTMAX:
-                scores = tf.nn.softmax(logits, axis=-1)
+                lse = tf.math.reduce_logsumexp(logits, axis=-1, keepdims=True)
+                scores = tf.exp(top.values - lse)
             elif activation is Activation.SIGMOID:
-                scores = tf.math.sigmoid(logits)
+                scores = tf.math.sigmoid(top.values)
             else:
-                scores = logits
-            k = tf.minimum(top_k, tf.shape(scores)[-1])
-            top = tf.math.top_k(scores, k=k, sorted=True)
-            return top.indices, top.values, tf.shape(scores)[-1]
+                scores = top.values
+            return top.indices, scores, width
 
         self._fn = infer
         self._height, self._width = height, width

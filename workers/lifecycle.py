@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import Any
 
-from celery.signals import worker_init, worker_shutdown
+from celery.signals import celeryd_after_setup, worker_init, worker_shutdown
 
 from shared.registry import model_from_queue, queue_for
 from shared.settings import get_settings
@@ -41,24 +41,34 @@ def _models_for(worker: Any) -> list[str]:
 
 
 @worker_init.connect
-def load_models(sender: Any = None, **_: Any) -> None:
-    """Load every model of this worker in this process, before consuming starts."""
-    pool = sender.pool_cls if isinstance(sender.pool_cls, str) else sender.pool_cls.__name__
-    if str(pool).lower() in FORK_POOLS:
+def refuse_fork(sender: Any = None, **_: Any) -> None:
+    """Stop at once when the pool would fork after the models load."""
+    pool = sender.pool_cls
+    name = pool if isinstance(pool, str) else f"{pool.__module__}.{pool.__name__}"
+    if name.lower() in FORK_POOLS or "prefork" in name:
         _fail(
-            f"the {pool!r} pool forks after the models load, and TensorFlow does not survive "
+            "the prefork pool forks after the models load, and TensorFlow does not survive "
             "fork(); run workers with --pool threads (the default) or --pool solo, one process "
             "per GPU"
         )
+
+
+@celeryd_after_setup.connect
+def load_models(sender: Any = None, instance: Any = None, **_: Any) -> None:
+    """Load every model of this worker in this process, before consuming starts.
+
+    This signal comes after logging is set up and ``-Q`` applied, and before the
+    consumer starts: no task arrives before the models are ready.
+    """
     try:
-        runtime = Runtime.start(_models_for(sender), get_settings())
+        runtime = Runtime.start(_models_for(instance), get_settings())
     except ModelLoadError as exc:
         _fail(str(exc))
     set_runtime(runtime)
     log.info(
         "imgq worker serving %s on queues %s",
         ", ".join(runtime.classifiers),
-        ", ".join(sender.app.amqp.queues.consume_from),
+        ", ".join(instance.app.amqp.queues.consume_from),
     )
 
 

@@ -19,12 +19,12 @@ from typing import Any
 
 from celery import Celery
 
+from producer.sources import expand_sources
 from shared.celery_app import CLASSIFY_TASK, create_app, job_store_for
 from shared.jobs import JobRecord, JobStatus, JobStore, check_job_id, new_job_id, task_id
 from shared.registry import ModelSpec, get_model, load_registry, queue_for
 from shared.schemas import ErrorCode, ImageRef, ResultRecord, error_record
 from shared.settings import Settings, get_settings
-from producer.sources import expand_sources
 
 _MGET_BATCH = 500
 
@@ -238,7 +238,10 @@ class Job:
                     elif outcome.state == "FAILURE":
                         for ref in self.client.store.chunk(self.job_id, index):
                             yield error_record(
-                                self.job_id, ref.src, model, ErrorCode.TASK_FAILED,
+                                self.job_id,
+                                ref.src,
+                                model,
+                                ErrorCode.TASK_FAILED,
                                 f"the task failed after its retries: {outcome.error}",
                             )
 

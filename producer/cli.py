@@ -1,4 +1,4 @@
-"""The ``imgq`` command line: a thin shell over ``producer.api`` (and ``workers`` for ``imgq worker``)."""
+"""The ``imgq`` command line: a thin shell over ``producer.api`` (``workers`` for ``worker``)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def _redact(url: str) -> str:
 def _open_out(path: str | None) -> TextIO:
     if path in (None, "-"):
         return sys.stdout
-    return open(path, "w", encoding="utf-8", newline="")  # noqa: SIM115 - closed by caller
+    return open(path, "w", encoding="utf-8", newline="")
 
 
 def _format_for(path: str | None, fmt: str | None) -> str:
@@ -112,18 +112,45 @@ def main() -> None:
 
 
 @main.command()
-@click.option("-m", "--model", "models", multiple=True, required=True,
-              help="A model to serve (repeat for several). Its queue is imgq.<model>.")
-@click.option("-c", "--concurrency", type=int, default=None,
-              help="Tasks run at once in this process (threads; default 2).")
-@click.option("--pool", type=click.Choice(["threads", "solo"]), default="threads",
-              show_default=True, help="Worker pool. TensorFlow does not survive fork.")
-@click.option("--batch-size", type=int, default=None,
-              help="Images per model call [env IMGQ_BATCH_SIZE; default 32].")
-@click.option("--gpu", default=None,
-              help="The GPU this process uses (sets CUDA_VISIBLE_DEVICES); one process per GPU.")
-@click.option("-n", "--hostname", default=None,
-              help="Node name (default: imgq-<models>-<pid>@<host>); unique per worker.")
+@click.option(
+    "-m",
+    "--model",
+    "models",
+    multiple=True,
+    required=True,
+    help="A model to serve (repeat for several). Its queue is imgq.<model>.",
+)
+@click.option(
+    "-c",
+    "--concurrency",
+    type=int,
+    default=None,
+    help="Tasks run at once in this process (threads; default 2).",
+)
+@click.option(
+    "--pool",
+    type=click.Choice(["threads", "solo"]),
+    default="threads",
+    show_default=True,
+    help="Worker pool. TensorFlow does not survive fork.",
+)
+@click.option(
+    "--batch-size",
+    type=int,
+    default=None,
+    help="Images per model call [env IMGQ_BATCH_SIZE; default 32].",
+)
+@click.option(
+    "--gpu",
+    default=None,
+    help="The GPU this process uses (sets CUDA_VISIBLE_DEVICES); one process per GPU.",
+)
+@click.option(
+    "-n",
+    "--hostname",
+    default=None,
+    help="Node name (default: imgq-<models>-<pid>@<host>); unique per worker.",
+)
 @click.option("-l", "--loglevel", default="INFO", show_default=True, help="Log level.")
 def worker(
     models: tuple[str, ...],
@@ -144,8 +171,20 @@ def worker(
 
     get_settings.cache_clear()
     name = hostname or f"imgq-{'-'.join(models)}-{os.getpid()}@%h"
-    argv = ["-A", "workers.app", "worker", "--pool", pool, "--hostname", name, "--loglevel", loglevel,
-            "--task-events", "--without-gossip", "--without-mingle"]
+    argv = [
+        "-A",
+        "workers.app",
+        "worker",
+        "--pool",
+        pool,
+        "--hostname",
+        name,
+        "--loglevel",
+        loglevel,
+        "--task-events",
+        "--without-gossip",
+        "--without-mingle",
+    ]
     if concurrency is not None:
         argv += ["--concurrency", str(concurrency)]
     from celery.bin.celery import celery as celery_command
@@ -157,11 +196,21 @@ def worker(
 
 @main.command()
 @click.argument("sources", nargs=-1, required=True)
-@click.option("-m", "--model", "models", multiple=True, required=True,
-              help="A model to classify every image with (repeat for several).")
+@click.option(
+    "-m",
+    "--model",
+    "models",
+    multiple=True,
+    required=True,
+    help="A model to classify every image with (repeat for several).",
+)
 @click.option("--job-id", default=None, help="Choose the job id (letters, digits, - and _).")
-@click.option("--chunk-size", type=int, default=None,
-              help="Image references per task [env IMGQ_CHUNK_SIZE; default 32].")
+@click.option(
+    "--chunk-size",
+    type=int,
+    default=None,
+    help="Image references per task [env IMGQ_CHUNK_SIZE; default 32].",
+)
 @click.option("--wait", is_flag=True, help="Wait for the job to finish, with a progress bar.")
 @click.option("--timeout", type=float, default=None, help="With --wait: give up after SECONDS.")
 @click.option("-o", "--out", default=None, help="With --wait: write the results to this file.")
@@ -186,8 +235,9 @@ def submit(
         raise click.UsageError("--out needs --wait (or use: imgq results JOB_ID --out FILE)")
     with _user_errors():
         client = Client()
-        job = client.submit(list(sources), models=list(models), job_id=job_id,
-                            chunk_size=chunk_size)
+        job = client.submit(
+            list(sources), models=list(models), job_id=job_id, chunk_size=chunk_size
+        )
         click.echo(
             f"submitted job {job.job_id}: {job.record.total_images} images x "
             f"{len(job.record.models)} model(s), {job.record.n_chunks} chunk(s)",
@@ -244,7 +294,9 @@ def _print_table(job: Job, limit: int) -> None:
             shown.append(record.image)
             click.echo(record.image)
         if record.error:
-            click.echo(f"  {record.model:<16} error {record.error.code.value}: {record.error.message}")
+            click.echo(
+                f"  {record.model:<16} error {record.error.code.value}: {record.error.message}"
+            )
         else:
             cells = " | ".join(f"{first_lemma(p.label)} {p.score:.1%}" for p in record.top5)
             click.echo(f"  {record.model:<16} {cells}")
@@ -252,22 +304,62 @@ def _print_table(job: Job, limit: int) -> None:
 
 @main.command()
 @click.argument("sources", nargs=-1)
-@click.option("-m", "--model", "models", multiple=True, default=("resnet50",), show_default=True,
-              help="A model to classify every image with (repeat for several).")
-@click.option("-o", "--out", default="results.jsonl", show_default=True,
-              help="Write the results to this file.")
+@click.option(
+    "-m",
+    "--model",
+    "models",
+    multiple=True,
+    default=("resnet50",),
+    show_default=True,
+    help="A model to classify every image with (repeat for several).",
+)
+@click.option(
+    "-o",
+    "--out",
+    default="results.jsonl",
+    show_default=True,
+    help="Write the results to this file.",
+)
 @format_option
-@click.option("--embedded", is_flag=True,
-              help="Start an embedded Redis and worker even when IMGQ_BROKER_URL is set.")
-@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Keep the embedded Redis data here (append-only file on), for --resume.")
-@click.option("--resume", "resume_id", default=None, metavar="JOB_ID",
-              help="Finish an interrupted job (with the --state-dir it ran with).")
+@click.option(
+    "--embedded",
+    is_flag=True,
+    help="Start an embedded Redis and worker even when IMGQ_BROKER_URL is set.",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep the embedded Redis data here (append-only file on), for --resume.",
+)
+@click.option(
+    "--resume",
+    "resume_id",
+    default=None,
+    metavar="JOB_ID",
+    help="Finish an interrupted job (with the --state-dir it ran with).",
+)
 @click.option("--job-id", default=None, help="Choose the job id.")
-@click.option("--chunk-size", type=int, default=None,
-              help="Image references per task [env IMGQ_CHUNK_SIZE; default 32].")
-@click.option("--show", type=int, default=10, show_default=True,
-              help="Print a top-5 table for this many images (0: none).")
+@click.option(
+    "--chunk-size",
+    type=int,
+    default=None,
+    help="Image references per task [env IMGQ_CHUNK_SIZE; default 32].",
+)
+@click.option(
+    "--show",
+    type=int,
+    default=10,
+    show_default=True,
+    help="Print a top-5 table for this many images (0: none).",
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the HTML comparison report here.",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def run(
     sources: tuple[str, ...],
@@ -280,6 +372,7 @@ def run(
     job_id: str | None,
     chunk_size: int | None,
     show: int,
+    report_path: Path | None,
     no_progress: bool,
 ) -> None:
     """Classify SOURCES in one command: Redis, a worker, the job, the results.
@@ -307,26 +400,39 @@ def run(
                 stack.purge_queues(job.record.models)
                 stack.start_worker(job.record.models)
             sent = job.resend_unfinished()
-            click.echo(f"resuming job {job.job_id}: {sent} unfinished task(s) queued again", err=True)
+            click.echo(
+                f"resuming job {job.job_id}: {sent} unfinished task(s) queued again", err=True
+            )
         else:
             if stack is not None:
                 client.registry()  # unknown model names fail before a worker starts
                 stack.start_worker(models)
-            job = client.submit(list(sources), models=list(models), job_id=job_id,
-                                chunk_size=chunk_size)
-            click.echo(f"job {job.job_id}: {job.record.total_images} images x "
-                       f"{len(job.record.models)} model(s)", err=True)
+            job = client.submit(
+                list(sources), models=list(models), job_id=job_id, chunk_size=chunk_size
+            )
+            click.echo(
+                f"job {job.job_id}: {job.record.total_images} images x "
+                f"{len(job.record.models)} model(s)",
+                err=True,
+            )
         try:
-            status = job.wait(progress=not no_progress,
-                              check=stack.check_worker if stack is not None else None)
+            status = job.wait(
+                progress=not no_progress, check=stack.check_worker if stack is not None else None
+            )
         except KeyboardInterrupt:
-            hint = (f" --state-dir {state_dir}" if stack is not None else "")
-            kept = ("" if stack is None or state_dir is not None
-                    else " (it ran on a temporary Redis: use --state-dir DIR to be able to resume)")
-            click.echo(f"\ninterrupted: resume with  imgq run --resume {job.job_id}{hint}{kept}",
-                       err=True)
+            hint = f" --state-dir {state_dir}" if stack is not None else ""
+            kept = (
+                ""
+                if stack is None or state_dir is not None
+                else " (it ran on a temporary Redis: use --state-dir DIR to be able to resume)"
+            )
+            click.echo(
+                f"\ninterrupted: resume with  imgq run --resume {job.job_id}{hint}{kept}", err=True
+            )
             raise SystemExit(130) from None
         count = _write_results(job, out, fmt)
+        if report_path is not None:
+            _write_reports(client, job, report_path, None)
         if show > 0:
             _print_table(job, show)
         _print_status(status, as_json=False)
@@ -334,19 +440,86 @@ def run(
 
     with _user_errors():
         if not use_embedded:
-            click.echo(f"using the broker at {_redact(settings.broker_url)} and the workers "
-                       "already running there", err=True)
+            click.echo(
+                f"using the broker at {_redact(settings.broker_url)} and the workers "
+                "already running there",
+                err=True,
+            )
             go(Client(settings), None)
             return
         try:
             with LocalStack(state_dir) as stack:
                 click.echo(
                     f"started an embedded Redis ({stack.url}); data in "
-                    f"{state_dir if state_dir else 'a temporary folder'}", err=True)
-                local = settings.model_copy(update={"broker_url": stack.url, "result_backend": None})
+                    f"{state_dir if state_dir else 'a temporary folder'}",
+                    err=True,
+                )
+                local = settings.model_copy(
+                    update={"broker_url": stack.url, "result_backend": None}
+                )
                 go(Client(local), stack)
         except EmbeddedError as exc:
             raise click.ClickException(str(exc)) from exc
+
+
+def _write_reports(
+    client: Client, job: Job, html: Path | None, png_dir: Path | None, page_size: int = 100
+) -> None:
+    from producer.report import model_info, write_html_report, write_png_reports
+
+    activations, label_sets = model_info(client.registry())
+    records = job.results()
+    if html is not None:
+        stats = write_html_report(
+            records,
+            html,
+            activations=activations,
+            label_sets=label_sets,
+            page_size=page_size,
+            title=f"imgq job {job.job_id}",
+        )
+        click.echo(
+            f"wrote report {html}: {stats.images} images, {stats.pages} page(s), "
+            f"{stats.size_bytes / 1e6:.1f} MB",
+            err=True,
+        )
+    if png_dir is not None:
+        paths = write_png_reports(records, png_dir, activations=activations)
+        click.echo(f"wrote {len(paths)} PNG charts to {png_dir}", err=True)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write a self-contained HTML report here.",
+)
+@click.option(
+    "--png-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write one PNG chart per image into this folder.",
+)
+@click.option(
+    "--page-size",
+    type=click.IntRange(1, 10_000),
+    default=100,
+    show_default=True,
+    help="Images per page in the HTML report.",
+)
+def report(job_id: str, out: Path | None, png_dir: Path | None, page_size: int) -> None:
+    """Top-5 bar charts per image and model, and how much the models agree."""
+    if out is None and png_dir is None:
+        raise click.UsageError("give --out FILE.html, --png-dir DIR, or both")
+    with _user_errors():
+        client = Client()
+        job = client.job(job_id)
+        if not job.status().finished:
+            click.echo(f"job {job_id} is not finished: the report shows what is done", err=True)
+        _write_reports(client, job, out, png_dir, page_size)
 
 
 @main.command()
@@ -356,27 +529,32 @@ def models(as_json: bool) -> None:
     with _user_errors():
         registry = Client().registry()
     if as_json:
-        click.echo(json.dumps({
-            name: {
-                "handle": s.handle,
-                "input_size": list(s.input_size),
-                "activation": s.activation.value,
-                "labels": s.labels,
-                "queue": s.queue,
-                "description": s.description,
-            }
-            for name, s in registry.items()
-        }, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    name: {
+                        "handle": s.handle,
+                        "input_size": list(s.input_size),
+                        "activation": s.activation.value,
+                        "labels": s.labels,
+                        "queue": s.queue,
+                        "description": s.description,
+                    }
+                    for name, s in registry.items()
+                },
+                indent=2,
+            )
+        )
         return
     for name, s in registry.items():
         h, w = s.input_size
-        click.echo(f"{name}\n  handle:     {s.handle}\n  input:      {h}x{w} RGB [0, 1]\n"
-                   f"  activation: {s.activation.value}\n  labels:     {s.labels}\n"
-                   f"  queue:      {s.queue}")
+        click.echo(
+            f"{name}\n  handle:     {s.handle}\n  input:      {h}x{w} RGB [0, 1]\n"
+            f"  activation: {s.activation.value}\n  labels:     {s.labels}\n"
+            f"  queue:      {s.queue}"
+        )
         if s.description:
             click.echo(f"  about:      {s.description}")
-
-
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -95,14 +95,22 @@ class EmbeddedRedis:
         """Start the server and wait until it answers."""
         args = [
             redis_server_binary(),
-            "--port", "0",  # no TCP: nothing on the network can reach it
-            "--unixsocket", str(self.socket),
-            "--unixsocketperm", "700",
-            "--dir", str(self.directory),
-            "--save", "",
-            "--appendonly", "yes" if self.persistent else "no",
-            "--appendfsync", "everysec",
-            "--logfile", str(self.directory / "redis.log"),
+            "--port",
+            "0",  # no TCP: nothing on the network can reach it
+            "--unixsocket",
+            str(self.socket),
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(self.directory),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.persistent else "no",
+            "--appendfsync",
+            "everysec",
+            "--logfile",
+            str(self.directory / "redis.log"),
         ]
         self.proc = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent
@@ -118,7 +126,9 @@ class EmbeddedRedis:
             except (redis.exceptions.ConnectionError, redis.exceptions.BusyLoadingError):
                 pass
             if self.proc.poll() is not None:
-                err = (self.proc.stderr.read() if self.proc.stderr else b"").decode(errors="replace")
+                err = (self.proc.stderr.read() if self.proc.stderr else b"").decode(
+                    errors="replace"
+                )
                 logfile = self.directory / "redis.log"
                 if logfile.exists():
                     err += logfile.read_text(errors="replace")[-2000:]
@@ -149,17 +159,34 @@ class EmbeddedWorker:
 
     def start(self) -> EmbeddedWorker:
         """Start the worker; it loads its models, then consumes."""
-        env = {k: v for k, v in os.environ.items()
-               if k not in {"IMGQ_BROKER_URL", "IMGQ_RESULT_BACKEND", "IMGQ_WORKER_MODELS"}}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in {"IMGQ_BROKER_URL", "IMGQ_RESULT_BACKEND", "IMGQ_WORKER_MODELS"}
+        }
         env["IMGQ_BROKER_URL"] = self.broker_url
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        cmd = [sys.executable, "-m", "producer.cli", "worker",
-               "--hostname", f"imgq-run-{os.getpid()}@%h", "--loglevel", "INFO"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "producer.cli",
+            "worker",
+            "--hostname",
+            f"imgq-run-{os.getpid()}@%h",
+            "--loglevel",
+            "INFO",
+        ]
         for model in self.models:
             cmd += ["--model", model]
         with open(self.log_path, "ab") as fh:
-            self.proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+            self.proc = subprocess.Popen(
+                cmd,
+                env=env,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+            )
         return self
 
     def failed(self) -> str | None:

@@ -29,7 +29,7 @@ class SourceError(ValueError):
 
 
 def is_url(source: str) -> bool:
-    """True for anything with a scheme (http, https, file, s3 ...); workers decide what they read."""
+    """True for anything with a scheme (http, file, s3 ...); workers decide what they read."""
     return "://" in source
 
 

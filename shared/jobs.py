@@ -41,9 +41,7 @@ def new_job_id() -> str:
 def check_job_id(job_id: str) -> str:
     """The job id, or a JobError when it has characters a job id may not have."""
     if not JOB_ID_RE.match(job_id):
-        raise JobError(
-            f"job id {job_id!r} must be 1-64 letters, digits, '-' or '_'"
-        )
+        raise JobError(f"job id {job_id!r} must be 1-64 letters, digits, '-' or '_'")
     return job_id
 
 
@@ -151,7 +149,7 @@ class JobStore:
             n_chunks=len(chunks),
             created=time.time(),
         )
-        meta = {
+        meta: dict[Any, Any] = {  # redis-py types mapping keys invariantly
             "job_id": job_id,
             "models": json.dumps(list(record.models)),
             "total_images": str(record.total_images),
@@ -200,7 +198,7 @@ class JobStore:
         raw = self.client.lindex(self._key(job_id, ":chunks"), index)
         if raw is None:
             raise JobError(f"job {job_id!r} has no chunk {index}")
-        return _decode_chunk(raw)  # type: ignore[arg-type]
+        return _decode_chunk(raw)
 
     def iter_chunks(self, job_id: str, *, batch: int = 500) -> Iterator[list[ImageRef]]:
         """Every chunk of a job, in order."""
@@ -238,8 +236,7 @@ class JobStore:
         status = JobStatus(
             job=job,
             models={
-                m: ModelCounts(total=job.total_images, tasks_total=job.n_chunks)
-                for m in job.models
+                m: ModelCounts(total=job.total_images, tasks_total=job.n_chunks) for m in job.models
             },
         )
         for tid, (ok, failed) in self.finished_tasks(job_id).items():

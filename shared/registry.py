@@ -100,7 +100,9 @@ def _parse_size(name: str, value: Any) -> tuple[int, int]:
     return size
 
 
-def _parse_model(name: str, table: Mapping[str, Any], base: ModelSpec | None, base_dir: Path) -> ModelSpec:
+def _parse_model(
+    name: str, table: Mapping[str, Any], base: ModelSpec | None, base_dir: Path
+) -> ModelSpec:
     if not MODEL_NAME_RE.match(name):
         raise RegistryError(
             f"model name {name!r} must be lower-case letters, digits and underscores"
@@ -162,7 +164,9 @@ def load_registry(models_file: Path | None = None) -> dict[str, ModelSpec]:
     except FileNotFoundError:
         raise RegistryError(f"models file {path} (IMGQ_MODELS_FILE) does not exist") from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise RegistryError(f"models file {path} (IMGQ_MODELS_FILE) is not valid TOML: {exc}") from exc
+        raise RegistryError(
+            f"models file {path} (IMGQ_MODELS_FILE) is not valid TOML: {exc}"
+        ) from exc
     tables = data.get("models", {})
     if not isinstance(tables, dict) or set(data) - {"models"}:
         raise RegistryError(f"models file {path}: expected only [models.NAME] tables")

@@ -18,7 +18,9 @@ class ErrorCode(StrEnum):
     NOT_FOUND = "not_found"  # the path does not exist
     IS_DIRECTORY = "is_directory"  # the path is a directory, not a file
     PERMISSION_DENIED = "permission_denied"  # the worker may not read the file
-    OUTSIDE_ALLOWED_ROOTS = "outside_allowed_roots"  # path (or symlink target) outside IMGQ_ALLOWED_ROOTS
+    OUTSIDE_ALLOWED_ROOTS = (
+        "outside_allowed_roots"  # path (or symlink target) outside IMGQ_ALLOWED_ROOTS
+    )
     EMPTY_FILE = "empty_file"  # zero bytes
     NOT_AN_IMAGE = "not_an_image"  # Pillow does not recognise the format
     TRUNCATED = "truncated"  # a known format, but the data ends early or is corrupt
@@ -83,7 +85,9 @@ class ResultRecord(BaseModel):
         return self.model_dump(mode="json")
 
 
-def error_record(job_id: str, image: str, model: str, code: ErrorCode, message: str) -> ResultRecord:
+def error_record(
+    job_id: str, image: str, model: str, code: ErrorCode, message: str
+) -> ResultRecord:
     """A failure record for one image and model."""
     return ResultRecord(
         job_id=job_id, image=image, model=model, error=ErrorInfo(code=code, message=message)

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.browser import Browser, chromium_binary
+
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(os.environ.get("IMGQ_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 
@@ -60,9 +62,19 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
-        args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-                "--dir", str(self.directory), "--save", "",
-                "--appendonly", "yes" if self.appendonly else "no"]
+        args = [
+            redis_server_binary(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.directory),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+        ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         client = redis.Redis(port=self.port)
         deadline = time.monotonic() + 10
@@ -105,13 +117,25 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (base / "custom-labels.txt").write_text("\n".join(CUSTOM_LABELS) + "\n", encoding="utf-8")
     lines = []
     for seed, (name, (classes, output, activation, labels)) in enumerate(TEST_MODELS.items()):
-        build_classifier(base / name, classes, output=output, seed=seed,
-                         fail_on_bright=name == "tpoison")
-        lines += [f"[models.{name}]", f'handle = "{name}"', "input_size = 32",
-                  f'activation = "{activation}"', f'labels = "{labels}"', ""]
+        build_classifier(
+            base / name, classes, output=output, seed=seed, fail_on_bright=name == "tpoison"
+        )
+        lines += [
+            f"[models.{name}]",
+            f'handle = "{name}"',
+            "input_size = 32",
+            f'activation = "{activation}"',
+            f'labels = "{labels}"',
+            "",
+        ]
     # Served by no shared worker: for tests that start a worker of their own.
-    lines += ["[models.tsolo]", 'handle = "tcustom"', "input_size = 32",
-              'labels = "custom-labels.txt"', ""]
+    lines += [
+        "[models.tsolo]",
+        'handle = "tcustom"',
+        "input_size = 32",
+        'labels = "custom-labels.txt"',
+        "",
+    ]
     (base / "models.toml").write_text("\n".join(lines), encoding="utf-8")
     return base
 
@@ -173,16 +197,22 @@ def start_worker(
     started: list[WorkerProcess] = []
     logs = tmp_path_factory.mktemp("worker-logs")
 
-    def start(*models: str, name: str | None = None, wait: bool = True,
-              env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> WorkerProcess:
+    def start(
+        *models: str,
+        name: str | None = None,
+        wait: bool = True,
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
+    ) -> WorkerProcess:
         node = name or f"w{len(started)}-{'-'.join(models)}"
         log = logs / f"{node}.log"
         cmd = [sys.executable, "-m", "producer.cli", "worker", "--hostname", f"{node}@%h", *args]
         for m in models:
             cmd += ["--model", m]
         with open(log, "wb") as fh:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env={**imgq_env, **(env or {})},
-                                    stdout=fh, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                cmd, cwd=ROOT, env={**imgq_env, **(env or {})}, stdout=fh, stderr=subprocess.STDOUT
+            )
         worker = WorkerProcess(proc, log, node)
         started.append(worker)
         if wait:
@@ -234,10 +264,27 @@ def _artifacts_dir() -> Path:
     return ARTIFACTS
 
 
-def run_cli(args: list[str], env: dict[str, str], *, timeout: float = 300,
-            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    args: list[str], env: dict[str, str], *, timeout: float = 300, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the ``imgq`` command line in a subprocess, as a user would."""
-    return subprocess.run([sys.executable, "-m", "producer.cli", *args], env=env,
-                          cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "producer.cli", *args],
+        env=env,
+        cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Browser]:
+    """A headless Chromium with a page attached."""
+    binary = chromium_binary()
+    b = Browser(binary, tmp_path / "chromium-profile")
+    try:
+        b.open_page()
+        yield b
+    finally:
+        b.close()

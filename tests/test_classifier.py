@@ -65,8 +65,13 @@ def test_softmax_scores_are_probabilities(models_dir: Path) -> None:
 
 
 def test_missing_savedmodel_fails_with_what_to_do(tmp_path: Path) -> None:
-    spec = ModelSpec(name="ghost", handle=str(tmp_path / "nowhere"), input_size=(32, 32),
-                     activation=Activation.SOFTMAX, labels="imagenet1k")
+    spec = ModelSpec(
+        name="ghost",
+        handle=str(tmp_path / "nowhere"),
+        input_size=(32, 32),
+        activation=Activation.SOFTMAX,
+        labels="imagenet1k",
+    )
     with pytest.raises(ModelLoadError) as err:
         Classifier(spec, max_batch_size=2).load()
     text = str(err.value)
@@ -75,9 +80,16 @@ def test_missing_savedmodel_fails_with_what_to_do(tmp_path: Path) -> None:
 
 
 def test_output_width_must_match_labels(models_dir: Path) -> None:
-    spec = ModelSpec(name="mismatch", handle=str(models_dir / "tcustom"), input_size=(32, 32),
-                     activation=Activation.SOFTMAX, labels="imagenet1k")
-    with pytest.raises(ModelLoadError, match="outputs 7 classes but its label set 'imagenet1k' has 1000"):
+    spec = ModelSpec(
+        name="mismatch",
+        handle=str(models_dir / "tcustom"),
+        input_size=(32, 32),
+        activation=Activation.SOFTMAX,
+        labels="imagenet1k",
+    )
+    with pytest.raises(
+        ModelLoadError, match="outputs 7 classes but its label set 'imagenet1k' has 1000"
+    ):
         Classifier(spec, max_batch_size=2).load()
 
 
@@ -85,8 +97,13 @@ def test_unreachable_hub_handle_fails_fast(tmp_path: Path, monkeypatch: pytest.M
     import time
 
     monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path / "cache"))
-    spec = ModelSpec(name="remote", handle="https://127.0.0.1:9/tfhub/model/1",
-                     input_size=(32, 32), activation=Activation.SOFTMAX, labels="imagenet1k")
+    spec = ModelSpec(
+        name="remote",
+        handle="https://127.0.0.1:9/tfhub/model/1",
+        input_size=(32, 32),
+        activation=Activation.SOFTMAX,
+        labels="imagenet1k",
+    )
     start = time.monotonic()
     with pytest.raises(ModelLoadError, match="could not be loaded from handle"):
         Classifier(spec, max_batch_size=2).load()
@@ -97,8 +114,13 @@ def test_model_error_is_raised_not_hidden(tmp_path: Path) -> None:
     path = build_classifier(tmp_path / "p", 10, fail_on_bright=True)
     labels = tmp_path / "l.txt"
     labels.write_text("\n".join(str(i) for i in range(10)) + "\n", encoding="utf-8")
-    spec = ModelSpec(name="p", handle=str(path), input_size=(32, 32),
-                     activation=Activation.SOFTMAX, labels=str(labels))
+    spec = ModelSpec(
+        name="p",
+        handle=str(path),
+        input_size=(32, 32),
+        activation=Activation.SOFTMAX,
+        labels=str(labels),
+    )
     clf = Classifier(spec, max_batch_size=4).load()
     images = random_images(2) * 0.5
     assert clf.predict(images).indices.shape == (2, 5)

@@ -37,7 +37,9 @@ def expected_top5(models_dir: Path, model: str, paths: list[Path]) -> dict[str, 
     limits = ReadLimits.from_settings(Settings())
     batch = np.stack([load_image(str(p), (32, 32), limits) for p in paths])
     scores = direct_scores(models_dir / model, batch, activation)
-    return {str(p): list(np.argsort(-s, kind="stable")[:5]) for p, s in zip(paths, scores)}
+    return {
+        str(p): list(np.argsort(-s, kind="stable")[:5]) for p, s in zip(paths, scores, strict=True)
+    }
 
 
 def test_folder_of_photos_and_broken_files(
@@ -53,8 +55,11 @@ def test_folder_of_photos_and_broken_files(
     # The folder brings its image files; what is not a file (a missing path, a
     # directory named like an image) comes in a manifest, which passes it on as is.
     manifest = tmp_path / "list.txt"
-    manifest.write_text("".join(f"{folder / 'bad' / n}\n" for n in expected_errors
-                                if not (folder / "bad" / n).is_file()))
+    manifest.write_text(
+        "".join(
+            f"{folder / 'bad' / n}\n" for n in expected_errors if not (folder / "bad" / n).is_file()
+        )
+    )
     sources = [str(folder), f"@{manifest}"]
     job = client.submit(sources, models=MODELS, chunk_size=3)
     status = job.wait(progress=False, timeout=240)
@@ -88,8 +93,7 @@ def test_folder_of_photos_and_broken_files(
     assert len(good) == 3
     for model in MODELS:
         want = expected_top5(models_dir, model, good)
-        labels = (CUSTOM_LABELS if model == "tcustom"
-                  else load_labels(TEST_MODELS[model][3]))
+        labels = CUSTOM_LABELS if model == "tcustom" else load_labels(TEST_MODELS[model][3])
         for path in good:
             rec = by_key[(str(path), model)]
             assert [p.index for p in rec.top5] == want[str(path)]
@@ -102,8 +106,10 @@ def test_folder_of_photos_and_broken_files(
 def test_cli_submit_status_results(
     shared_worker: WorkerProcess, imgq_env: dict[str, str], photos: Path, tmp_path: Path
 ) -> None:
-    proc = run_cli(["submit", str(photos), "--model", "t1001", "--model", "tcustom",
-                    "--job-id", "cli-job-1"], imgq_env)
+    proc = run_cli(
+        ["submit", str(photos), "--model", "t1001", "--model", "tcustom", "--job-id", "cli-job-1"],
+        imgq_env,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "cli-job-1"
 
@@ -111,8 +117,19 @@ def test_cli_submit_status_results(
     again = run_cli(["submit", str(photos), "-m", "t1001", "--job-id", "cli-job-1"], imgq_env)
     assert again.returncode == 1 and "already exists" in again.stderr
 
-    waited = run_cli(["submit", str(photos / "chelsea.jpg"), "-m", "tprobs", "--wait",
-                      "--no-progress", "--out", str(tmp_path / "one.csv")], imgq_env)
+    waited = run_cli(
+        [
+            "submit",
+            str(photos / "chelsea.jpg"),
+            "-m",
+            "tprobs",
+            "--wait",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "one.csv"),
+        ],
+        imgq_env,
+    )
     assert waited.returncode == 0, waited.stderr
     rows = list(csv.DictReader((tmp_path / "one.csv").open()))
     assert len(rows) == 1 and rows[0]["model"] == "tprobs" and rows[0]["top1_label"]
@@ -187,9 +204,24 @@ def test_celery_command_serves_the_queues_it_is_given(
     log = tmp_path / "celery.log"
     with open(log, "wb") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "imgq.tsolo",
-             "-n", "celerycmd@%h", "--loglevel", "INFO"],
-            cwd=ROOT, env=imgq_env, stdout=fh, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "workers.app",
+                "worker",
+                "-Q",
+                "imgq.tsolo",
+                "-n",
+                "celerycmd@%h",
+                "--loglevel",
+                "INFO",
+            ],
+            cwd=ROOT,
+            env=imgq_env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
         )
     try:
         job = client.submit([str(photos / "coffee.jpg")], models=["tsolo"])
@@ -207,9 +239,25 @@ def test_prefork_pool_is_refused(imgq_env: dict[str, str]) -> None:
     # "-P prefork" is Celery's default value and gives way to the configured
     # threads pool; its alias "processes" is an explicit request for fork.
     proc = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "imgq.tsolo",
-         "-P", "processes", "-n", "prefork@%h"],
-        cwd=ROOT, env=imgq_env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers.app",
+            "worker",
+            "-Q",
+            "imgq.tsolo",
+            "-P",
+            "processes",
+            "-n",
+            "prefork@%h",
+        ],
+        cwd=ROOT,
+        env=imgq_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode != 0
     assert "TensorFlow does not survive fork" in proc.stderr + proc.stdout

@@ -72,11 +72,14 @@ handle = "/models/resnet50"
     [
         ('[models.x]\nlabels = "imagenet1k"\n', "missing required keys ['handle']"),
         ('[models.x]\nhandle = "/m"\nlabels = "imagenet1k"\nactivation = "relu"\n', "activation"),
-        ('[models.x]\nhandle = "/m"\nlabels = "imagenet1k"\ninput_size = [1, 2, 3]\n', "input_size"),
+        (
+            '[models.x]\nhandle = "/m"\nlabels = "imagenet1k"\ninput_size = [1, 2, 3]\n',
+            "input_size",
+        ),
         ('[models.x]\nhandle = "/m"\nlabels = "imagenet1k"\ncolour = 1\n', "unknown keys"),
         ('[models.Bad-Name]\nhandle = "/m"\nlabels = "imagenet1k"\n', "lower-case"),
         ("[models.x\n", "not valid TOML"),
-        ('[other]\nx = 1\n', "only [models.NAME]"),
+        ("[other]\nx = 1\n", "only [models.NAME]"),
     ],
 )
 def test_models_file_errors(tmp_path: Path, body: str, message: str) -> None:

@@ -72,7 +72,7 @@ def test_csv_and_jsonl_manifests(tree: Path) -> None:
     (tree / "m.jsonl").write_text("\n".join(lines), encoding="utf-8")
     assert srcs(expand_sources(["m.jsonl"], cwd=tree)) == ["x.gif", "https://h/y.png"]
     (tree / "bad.jsonl").write_text("{not json\n", encoding="utf-8")
-    with pytest.raises(SourceError, match="bad.jsonl:1"):
+    with pytest.raises(SourceError, match=r"bad\.jsonl:1"):
         expand_sources(["bad.jsonl"], cwd=tree)
     (tree / "bad2.jsonl").write_text('{"id": 1}\n', encoding="utf-8")
     with pytest.raises(SourceError, match="no image"):

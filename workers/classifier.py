@@ -68,12 +68,12 @@ def _load_message(spec: ModelSpec, reason: str) -> str:
 
 
 def _resolve_callable(obj: Any) -> Callable[[Any], Any]:
-    """The SavedModel's inference function: ``__call__`` if it has one, else its serving signature."""
+    """The inference function: the SavedModel's ``__call__``, else its serving signature."""
     if callable(obj):
-        return obj  # type: ignore[no-any-return]
+        return obj
     signatures = getattr(obj, "signatures", {})
     if "serving_default" in signatures:
-        return signatures["serving_default"]  # type: ignore[no-any-return]
+        return signatures["serving_default"]
     raise ModelLoadError("the SavedModel is not callable and has no 'serving_default' signature")
 
 

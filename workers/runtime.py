@@ -81,8 +81,13 @@ class Runtime:
         classifier = self.classifiers.get(model)
         if classifier is None:
             return [
-                _error(job_id, model, ref, ErrorCode.UNKNOWN_MODEL,
-                       f"this worker serves {sorted(self.classifiers)}, not {model!r}")
+                _error(
+                    job_id,
+                    model,
+                    ref,
+                    ErrorCode.UNKNOWN_MODEL,
+                    f"this worker serves {sorted(self.classifiers)}, not {model!r}",
+                )
                 for ref in images
             ]
         size = classifier.spec.input_size
@@ -98,8 +103,11 @@ class Runtime:
         for start in range(0, len(good), step):
             idx = good[start : start + step]
             batch = [decoded[i] for i in idx]
-            for i, record in zip(idx, self._predict(job_id, model, classifier,
-                                                    [images[i] for i in idx], batch), strict=True):
+            for i, record in zip(
+                idx,
+                self._predict(job_id, model, classifier, [images[i] for i in idx], batch),
+                strict=True,
+            ):
                 records[i] = record
         return [r for r in records if r is not None]
 
@@ -119,8 +127,15 @@ class Runtime:
         except Exception as exc:
             if len(arrays) == 1:
                 log.warning("model %s failed on %s: %s", model, refs[0].src, exc)
-                return [_error(job_id, model, refs[0], ErrorCode.INFERENCE_FAILED,
-                               f"the model failed on this image: {type(exc).__name__}: {exc}")]
+                return [
+                    _error(
+                        job_id,
+                        model,
+                        refs[0],
+                        ErrorCode.INFERENCE_FAILED,
+                        f"the model failed on this image: {type(exc).__name__}: {exc}",
+                    )
+                ]
             log.warning("model %s failed on a batch of %d; retrying one by one", model, len(arrays))
             out: list[ResultRecord] = []
             for ref, arr in zip(refs, arrays, strict=True):

@@ -21,7 +21,7 @@ def _count(records: list[dict[str, Any]]) -> tuple[int, int]:
     return len(records) - failed, failed
 
 
-class ClassifyTask(Task):  # type: ignore[misc]
+class ClassifyTask(Task):
     """Records each finished chunk in the job's bookkeeping, after its result is stored."""
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
@@ -67,6 +67,10 @@ def classify(
         records = runtime.classify(job_id, model, refs)
     log.info(
         "job %s model %s chunk %d: %d images, %d errors",
-        job_id, model, chunk, len(records), sum(1 for r in records if r.error),
+        job_id,
+        model,
+        chunk,
+        len(records),
+        sum(1 for r in records if r.error),
     )
     return [r.to_json_dict() for r in records]

@@ -58,7 +58,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # TensorFlow does not survive fork(): workers run a thread pool in the
         # process that loaded the models (or solo). Prefork is refused at start.
         "worker_pool": "threads",
-        "worker_concurrency": 2,
+        "worker_concurrency": settings.worker_concurrency,
         "enable_utc": True,
     }
 

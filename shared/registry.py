@@ -43,6 +43,8 @@ class ModelSpec:
     labels: str  # a built-in label set name, or a path to a text file
     labels_base_dir: Path | None = None  # resolves a relative labels path (the TOML's folder)
     description: str = ""
+    batch_size: int | None = None  # overrides IMGQ_BATCH_SIZE for this model
+    max_batch_delay_ms: float | None = None  # overrides IMGQ_MAX_BATCH_DELAY_MS
 
     @property
     def queue(self) -> str:
@@ -107,7 +109,15 @@ def _parse_model(
         raise RegistryError(
             f"model name {name!r} must be lower-case letters, digits and underscores"
         )
-    known = {"handle", "input_size", "activation", "labels", "description"}
+    known = {
+        "handle",
+        "input_size",
+        "activation",
+        "labels",
+        "description",
+        "batch_size",
+        "max_batch_delay_ms",
+    }
     unknown = set(table) - known
     if unknown:
         raise RegistryError(
@@ -150,6 +160,17 @@ def _parse_model(
         changes["labels_base_dir"] = None if labels in BUILTIN_LABEL_SETS else base_dir
     if "description" in table:
         changes["description"] = str(table["description"])
+    if "batch_size" in table:
+        size = table["batch_size"]
+        if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 4096:
+            raise RegistryError(f"model {name!r}: batch_size must be an integer in 1..4096")
+        changes["batch_size"] = size
+    if "max_batch_delay_ms" in table:
+        delay = table["max_batch_delay_ms"]
+        valid = isinstance(delay, int | float) and not isinstance(delay, bool)
+        if not valid or not 0 <= delay <= 10_000:
+            raise RegistryError(f"model {name!r}: max_batch_delay_ms must be in 0..10000")
+        changes["max_batch_delay_ms"] = float(delay)
     return replace(spec, **changes)
 
 

@@ -53,7 +53,26 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Models a worker started with `celery -A workers.app worker` serves.",
     )
-    batch_size: int = Field(32, ge=1, le=4096, description="Images per model call.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Largest batch per model call.")
+    max_batch_delay_ms: float = Field(
+        2.0,
+        ge=0,
+        le=10_000,
+        description="Milliseconds a batch waits for more images after its first one.",
+    )
+    worker_concurrency: int = Field(
+        4,
+        ge=1,
+        le=1024,
+        description=(
+            "Tasks a worker runs at once (threads). Raise it to at least twice the batch "
+            "size for single-image tasks, so batches can fill."
+        ),
+    )
+    jit_compile: bool = Field(False, description="Compile the model call with XLA.")
+    mixed_precision: bool = Field(
+        False, description="Let TensorFlow run float32 graphs in float16 on GPUs (Tensor Cores)."
+    )
     decode_threads: int = Field(4, ge=1, le=256, description="Threads decoding images.")
     allowed_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,

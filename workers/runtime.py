@@ -1,11 +1,12 @@
-"""What a worker process holds once started: its loaded models and the code that
-turns a chunk of image references into result records. No Celery here."""
+"""What a worker process holds once started: its loaded models, their batchers, the
+decode threads, and the code that turns a chunk of image references into result
+records. No Celery here."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import httpx
@@ -15,6 +16,7 @@ from shared.images import ImageError, ReadLimits, load_image
 from shared.registry import ModelSpec, get_model, load_registry
 from shared.schemas import ErrorCode, ImageRef, Prediction, ResultRecord, error_record
 from shared.settings import Settings
+from workers.batcher import DynamicBatcher, TopK
 from workers.classifier import Classifier, ModelLoadError, configure_devices
 
 log = logging.getLogger(__name__)
@@ -22,12 +24,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Runtime:
-    """A worker's loaded models, decode threads and read limits."""
+    """A worker's loaded models (each with its batcher), decode threads and read limits."""
 
-    classifiers: dict[str, Classifier]
+    batchers: dict[str, DynamicBatcher]
     limits: ReadLimits
     decode_pool: ThreadPoolExecutor
     http: httpx.Client = field(default_factory=lambda: httpx.Client(follow_redirects=False))
+
+    @property
+    def classifiers(self) -> dict[str, Classifier]:
+        """The loaded models by name."""
+        return {name: b.classifier for name, b in self.batchers.items()}
 
     @classmethod
     def start(cls, models: Sequence[str], settings: Settings) -> Runtime:
@@ -44,21 +51,34 @@ class Runtime:
                 specs.append(get_model(registry, name))
             except ValueError as exc:
                 raise ModelLoadError(str(exc)) from exc
-        gpus = configure_devices(memory_growth=settings.memory_growth)
+        gpus = configure_devices(
+            memory_growth=settings.memory_growth, mixed_precision=settings.mixed_precision
+        )
         log.info("devices: %s", ", ".join(gpus) or "CPU only")
-        classifiers: dict[str, Classifier] = {}
+        batchers: dict[str, DynamicBatcher] = {}
         for spec in specs:
+            batch = spec.batch_size or settings.batch_size
+            delay_ms = (
+                spec.max_batch_delay_ms
+                if spec.max_batch_delay_ms is not None
+                else settings.max_batch_delay_ms
+            )
             log.info("loading model %s from %s", spec.name, spec.handle)
-            classifiers[spec.name] = Classifier(spec, max_batch_size=settings.batch_size).load()
+            clf = Classifier(spec, max_batch_size=batch, jit_compile=settings.jit_compile).load()
+            batchers[spec.name] = DynamicBatcher(clf, max_delay=delay_ms / 1000.0)
             log.info(
-                "model %s ready: %d classes, input %dx%d, activation %s",
+                "model %s ready: %d classes, input %dx%d, activation %s, batches of up to %d "
+                "(waiting up to %g ms), fixed batch sizes %s",
                 spec.name,
-                classifiers[spec.name].num_classes,
+                clf.num_classes,
                 *spec.input_size,
                 spec.activation.value,
+                batch,
+                delay_ms,
+                list(clf.buckets),
             )
         return cls(
-            classifiers=classifiers,
+            batchers=batchers,
             limits=ReadLimits.from_settings(settings),
             decode_pool=ThreadPoolExecutor(
                 max_workers=settings.decode_threads, thread_name_prefix="imgq-decode"
@@ -66,7 +86,9 @@ class Runtime:
         )
 
     def close(self) -> None:
-        """Release threads and connections."""
+        """Finish queued batches, release threads and connections."""
+        for batcher in self.batchers.values():
+            batcher.close()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
         self.http.close()
 
@@ -75,86 +97,58 @@ class Runtime:
             return load_image(ref.ref, size, self.limits, client=self.http)
         except ImageError as exc:
             return exc
+        except Exception as exc:  # a decoder bug must not fail the other images
+            log.exception("unexpected error decoding %s", ref.src)
+            return ImageError(ErrorCode.DECODE_FAILED, f"{type(exc).__name__}: {exc}")
 
     def classify(self, job_id: str, model: str, images: Sequence[ImageRef]) -> list[ResultRecord]:
-        """One record per image, in order: top-5 for those that decode, an error for the rest."""
-        classifier = self.classifiers.get(model)
-        if classifier is None:
+        """One record per image, in order: top-5 for those that decode, an error for the rest.
+
+        The chunk is decoded a batch at a time and each batch handed to the model's
+        batcher at once, so the next batch decodes while the model runs this one,
+        and a task holds at most one batch of decoded images beyond the batcher's
+        bounded queue.
+        """
+        batcher = self.batchers.get(model)
+        if batcher is None:
+            message = f"this worker serves {sorted(self.batchers)}, not {model!r}"
             return [
-                _error(
-                    job_id,
-                    model,
-                    ref,
-                    ErrorCode.UNKNOWN_MODEL,
-                    f"this worker serves {sorted(self.classifiers)}, not {model!r}",
-                )
+                error_record(job_id, ref.src, model, ErrorCode.UNKNOWN_MODEL, message)
                 for ref in images
             ]
-        size = classifier.spec.input_size
-        decoded = list(self.decode_pool.map(lambda r: self._decode(r, size), images))
-        records: list[ResultRecord | None] = [None] * len(images)
-        good: list[int] = []
-        for i, (ref, item) in enumerate(zip(images, decoded, strict=True)):
-            if isinstance(item, ImageError):
-                records[i] = _error(job_id, model, ref, item.code, item.message)
-            else:
-                good.append(i)
-        step = classifier.max_batch_size
-        for start in range(0, len(good), step):
-            idx = good[start : start + step]
-            batch = [decoded[i] for i in idx]
-            for i, record in zip(
-                idx,
-                self._predict(job_id, model, classifier, [images[i] for i in idx], batch),
-                strict=True,
-            ):
-                records[i] = record
-        return [r for r in records if r is not None]
-
-    def _predict(
-        self,
-        job_id: str,
-        model: str,
-        classifier: Classifier,
-        refs: Sequence[ImageRef],
-        batch: Sequence[np.ndarray | ImageError],
-    ) -> list[ResultRecord]:
-        """Run one batch; if the model fails on it, run its images one by one so that
-        only the image that makes it fail gets an error."""
-        arrays = [b for b in batch if isinstance(b, np.ndarray)]
-        try:
-            preds = classifier.predict(arrays)
-        except Exception as exc:
-            if len(arrays) == 1:
-                log.warning("model %s failed on %s: %s", model, refs[0].src, exc)
-                return [
-                    _error(
+        size = batcher.classifier.spec.input_size
+        step = batcher.max_batch_size
+        outcomes: list[ImageError | Future[TopK]] = []
+        for start in range(0, len(images), step):
+            decoded = list(
+                self.decode_pool.map(lambda r: self._decode(r, size), images[start : start + step])
+            )
+            arrays = [d for d in decoded if not isinstance(d, ImageError)]
+            futures = iter(batcher.submit(arrays))
+            outcomes.extend(d if isinstance(d, ImageError) else next(futures) for d in decoded)
+        labels = batcher.classifier.labels
+        records: list[ResultRecord] = []
+        for ref, outcome in zip(images, outcomes, strict=True):
+            if isinstance(outcome, ImageError):
+                records.append(error_record(job_id, ref.src, model, outcome.code, outcome.message))
+                continue
+            try:
+                top = outcome.result()
+            except Exception as exc:
+                log.warning("model %s failed on %s: %s", model, ref.src, exc)
+                records.append(
+                    error_record(
                         job_id,
+                        ref.src,
                         model,
-                        refs[0],
                         ErrorCode.INFERENCE_FAILED,
                         f"the model failed on this image: {type(exc).__name__}: {exc}",
                     )
-                ]
-            log.warning("model %s failed on a batch of %d; retrying one by one", model, len(arrays))
-            out: list[ResultRecord] = []
-            for ref, arr in zip(refs, arrays, strict=True):
-                out.extend(self._predict(job_id, model, classifier, [ref], [arr]))
-            return out
-        labels = classifier.labels
-        return [
-            ResultRecord(
-                job_id=job_id,
-                image=ref.src,
-                model=model,
-                top5=[
-                    Prediction(index=int(i), label=labels[int(i)], score=float(s))
-                    for i, s in zip(indices, scores, strict=True)
-                ],
-            )
-            for ref, indices, scores in zip(refs, preds.indices, preds.scores, strict=True)
-        ]
-
-
-def _error(job_id: str, model: str, ref: ImageRef, code: ErrorCode, message: str) -> ResultRecord:
-    return error_record(job_id, ref.src, model, code, message)
+                )
+                continue
+            top5 = [
+                Prediction(index=k, label=labels[k], score=s)
+                for k, s in zip(top.indices, top.scores, strict=True)
+            ]
+            records.append(ResultRecord(job_id=job_id, image=ref.src, model=model, top5=top5))
+        return records

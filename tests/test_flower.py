@@ -1,0 +1,314 @@
+"""Flower on real parts: a real Flower process watching the shared worker's events.
+
+A job's tasks appear in Flower's HTTP API with the short argument summary the
+producer sets (job, model, chunk, image count), the counts agree with
+``imgq status``, the UI and API ask for the login, Prometheus metrics count the
+task events, per-model queue lengths are visible, and the dashboard renders the
+worker in a real browser.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from shared.jobs import task_id
+from tests.browser import Browser
+from tests.conftest import ARTIFACTS, ROOT, WorkerProcess, _free_port, run_cli
+
+pytestmark = pytest.mark.slow
+
+USER, PASSWORD = "user", "secret-pass"
+AUTH = (USER, PASSWORD)
+MODELS = ["t1001", "tcustom"]
+# The short task summary the producer sets as argsrepr (producer.api.Job.send_chunk).
+ARGSREPR = re.compile(
+    r"^\(job='(?P<job>[\w-]+)', model='(?P<model>\w+)', chunk=(?P<chunk>\d+), "
+    r"images=(?P<images>\d+)\)$"
+)
+
+
+@dataclass
+class FlowerProcess:
+    """A running ``celery -A workers.app flower`` and where it answers."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def get(self, path: str, *, auth: tuple[str, str] | None = AUTH, **params: Any) -> Any:
+        """GET an API path with the login; its JSON."""
+        resp = httpx.get(self.url + path, auth=auth, params=params, timeout=10)
+        assert resp.status_code == 200, (path, resp.status_code, resp.text[:500])
+        return resp.json()
+
+
+@pytest.fixture(scope="module")
+def flower(
+    imgq_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[FlowerProcess]:
+    """A real Flower with basic auth on a free loopback port, stopped at the end."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("flower") / "flower.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.app",
+        "flower",
+        f"--port={port}",
+        "--address=127.0.0.1",
+        "--persistent=False",
+    ]
+    # The login comes from the environment, as in the compose file: not on the
+    # command line, where `ps` would show it.
+    env = {**imgq_env, "FLOWER_BASIC_AUTH": f"{USER}:{PASSWORD}"}
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    flower = FlowerProcess(proc, f"http://127.0.0.1:{port}", log)
+    deadline = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"flower exited ({proc.returncode}):\n{flower.output()}")
+        try:
+            if httpx.get(flower.url + "/healthcheck", timeout=2).text == "OK":
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"flower did not answer in 60 s:\n{flower.output()}")
+        time.sleep(0.2)
+    try:
+        yield flower
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def poll(what: str, fn: Callable[[], Any], timeout: float = 30, interval: float = 0.3) -> Any:
+    """Call ``fn`` until it returns something truthy; that value."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"{what}: not true after {timeout} s (last: {last!r})")
+
+
+def node_of(flower: FlowerProcess, worker: WorkerProcess) -> str:
+    """The worker's node name once Flower receives its events (heartbeats: every 2 s).
+
+    Events Flower misses are gone, so a test submits only after this.
+    """
+    alive = poll(
+        f"flower sees {worker.name}",
+        lambda: [
+            n
+            for n, up in flower.get("/api/workers", status=1).items()
+            if up and n.startswith(f"{worker.name}@")
+        ],
+    )
+    return str(alive[0])
+
+
+def flower_tasks(flower: FlowerProcess, ids: set[str]) -> dict[str, dict[str, Any]]:
+    """Flower's records of these task ids (Flower knows them from the workers' events)."""
+    listed = flower.get("/api/tasks", taskname="imgq.classify")
+    return {tid: task for tid, task in listed.items() if tid in ids}
+
+
+def test_job_in_flower_api_metrics_and_status(
+    flower: FlowerProcess,
+    shared_worker: WorkerProcess,
+    client: Any,
+    photos: Path,
+    imgq_env: dict[str, str],
+) -> None:
+    node = node_of(flower, shared_worker)
+    assert "shared" in node
+
+    job = client.submit([str(photos)], models=MODELS, chunk_size=1)
+    assert job.wait(progress=False, timeout=120).finished
+    ids = {t for m in MODELS for t in job.record.task_ids(m)}
+    assert len(ids) == 3 * len(MODELS)
+
+    # Every task of the job, done by the shared worker, summarised by its argsrepr.
+    def all_succeeded() -> dict[str, dict[str, Any]]:
+        tasks = flower_tasks(flower, ids)
+        ok = set(tasks) == ids and all(t["state"] == "SUCCESS" for t in tasks.values())
+        return tasks if ok else {}
+
+    tasks = poll("every task SUCCESS in flower", all_succeeded)
+    images_by_model: Counter[str] = Counter()
+    for tid, task in tasks.items():
+        assert task["name"] == "imgq.classify"
+        assert task["worker"] == node
+        assert task["kwargs"] == "{}"
+        m = ARGSREPR.match(task["args"])
+        assert m, task["args"]
+        assert task_id(m["job"], m["model"], int(m["chunk"])) == tid
+        assert m["job"] == job.job_id
+        # The summary, not the image list.
+        assert str(photos) not in task["args"] and ".jpg" not in task["args"]
+        images_by_model[m["model"]] += int(m["images"])
+
+    # `imgq status` agrees: images of the SUCCESS tasks in Flower = done images.
+    st = run_cli(["status", job.job_id, "--json"], imgq_env)
+    assert st.returncode == 0, st.stderr
+    status = json.loads(st.stdout)
+    assert status["finished"] is True and status["images"] == 3
+    for model in MODELS:
+        counts = status["models"][model]
+        assert counts["failed"] == 0 and counts["pending"] == 0
+        assert counts["done"] == images_by_model[model] == counts["total"]
+        assert len(job.record.task_ids(model)) * job.record.chunk_size == counts["done"]
+
+    # The worker list (Flower asks the workers over the broker): its model queues.
+    workers = flower.get("/api/workers", refresh=1)
+    assert node in workers, list(workers)
+    queues = {q["name"] for q in workers[node]["active_queues"]}
+    assert {f"imgq.{m}" for m in MODELS} <= queues
+    assert "imgq.classify" in workers[node]["registered"]
+
+    # One task's details.
+    one = flower.get(f"/api/task/info/{sorted(ids)[0]}")
+    assert one["state"] == "SUCCESS" and ARGSREPR.match(one["args"])
+
+    # Prometheus: event counters per worker, type and task name.
+    metrics = httpx.get(flower.url + "/metrics", timeout=10)
+    assert metrics.status_code == 200
+    succeeded = {
+        "task-received": 0.0,
+        "task-started": 0.0,
+        "task-succeeded": 0.0,
+    }
+    pattern = re.compile(
+        r'^flower_events_total\{task="imgq\.classify",type="([\w-]+)",worker="([^"]+)"\} (\S+)$'
+    )
+    for line in metrics.text.splitlines():
+        # label order follows the metric's declaration: worker, type, task
+        m = re.match(
+            r'^flower_events_total\{worker="([^"]+)",type="([\w-]+)",task="imgq\.classify"\}'
+            r" (\S+)$",
+            line,
+        ) or pattern.match(line)
+        if m and node in line:
+            kind = m.group(2) if m.re is not pattern else m.group(1)
+            if kind in succeeded:
+                succeeded[kind] += float(m.group(3))
+    for kind, count in succeeded.items():
+        assert count >= len(ids), (kind, count, metrics.text[:3000])
+    assert re.search(
+        rf'^flower_worker_online\{{worker="{re.escape(node)}"\}} 1\.0$', metrics.text, re.M
+    ), metrics.text[:3000]
+    assert "flower_task_runtime_seconds_bucket" in metrics.text
+
+
+def test_login_required_except_metrics_and_healthcheck(flower: FlowerProcess) -> None:
+    for path in ("/", "/workers", "/tasks", "/broker", "/api/workers", "/api/tasks"):
+        resp = httpx.get(flower.url + path, timeout=10)
+        assert resp.status_code == 401, (path, resp.status_code)
+        assert resp.headers.get("WWW-Authenticate", "").startswith("Basic")
+        wrong = httpx.get(flower.url + path, auth=(USER, "wrong"), timeout=10)
+        assert wrong.status_code == 401, (path, wrong.status_code)
+    assert httpx.get(flower.url + "/", auth=AUTH, timeout=10).status_code == 200
+    # Flower 2.2 serves these without the login (docs/monitoring.md says so and
+    # why the port must stay private); this keeps the docs honest.
+    assert httpx.get(flower.url + "/healthcheck", timeout=10).text == "OK"
+    assert httpx.get(flower.url + "/metrics", timeout=10).status_code == 200
+
+
+def test_queue_lengths_per_model(
+    flower: FlowerProcess, shared_worker: WorkerProcess, client: Any, photos: Path, redis_url: str
+) -> None:
+    """A model's backlog shows in Flower's queue lengths, equal to the Redis list's length.
+
+    The shared worker stops consuming one model's queue through Flower's control
+    API (pausing a model), the job's tasks for it wait in ``imgq.tprobs``, and
+    consuming again finishes the job.
+    """
+    node = node_of(flower, shared_worker)
+    workers = flower.get("/api/workers", refresh=1)
+    assert "imgq.tprobs" in {q["name"] for q in workers[node]["active_queues"]}
+    r = redis.Redis.from_url(redis_url)
+
+    def control(action: str) -> None:
+        resp = httpx.post(
+            f"{flower.url}/api/worker/queue/{action}/{node}",
+            params={"queue": "imgq.tprobs"},
+            auth=AUTH,
+            timeout=10,
+        )
+        assert resp.status_code == 200, (action, resp.status_code, resp.text)
+
+    control("cancel-consumer")
+    try:
+        job = client.submit([str(photos)], models=["t1001", "tprobs"], chunk_size=1)
+        # t1001 runs, tprobs waits: its three tasks are the queue's three messages.
+        poll("t1001 done", lambda: job.status().models["t1001"].pending == 0, timeout=60)
+        assert job.status().models["tprobs"].done == 0
+        assert r.llen("imgq.tprobs") == 3
+        lengths = {
+            q["name"]: q["messages"] for q in flower.get("/api/queues/length")["active_queues"]
+        }
+        assert lengths["imgq.tprobs"] == 3, lengths
+        assert lengths["imgq.t1001"] == 0, lengths
+        assert {f"imgq.{m}" for m in ("t21k", "tcustom", "tpoison")} <= set(lengths)
+        # The broker page shows the same table.
+        page = httpx.get(flower.url + "/broker", auth=AUTH, timeout=10)
+        assert page.status_code == 200 and "imgq.tprobs" in page.text
+    finally:
+        control("add-consumer")
+    assert job.wait(progress=False, timeout=60).finished
+    assert r.llen("imgq.tprobs") == 0
+
+
+# Flower's dashboard is ready when its workers table lists the shared worker.
+DASHBOARD_READY = (
+    "document.querySelector('#workers-table tbody') !== null && "
+    "document.querySelector('#workers-table tbody').innerText.includes('shared@')"
+)
+
+
+def test_dashboard_in_browser(
+    flower: FlowerProcess, shared_worker: WorkerProcess, browser: Browser
+) -> None:
+    node = node_of(flower, shared_worker)
+    # Basic auth for every request of the page, its scripts and its XHR polls.
+    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    browser.send("Network.enable")
+    browser.send("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {token}"}})
+    browser.navigate(flower.url + "/", ready=DASHBOARD_READY, timeout=60)
+    row = browser.eval(
+        "Array.from(document.querySelectorAll('#workers-table tbody tr'))"
+        f".map(r => r.innerText).find(t => t.includes({json.dumps(node)})) || ''"
+    )
+    assert "Online" in row, row
+    refreshed = browser.eval("document.getElementById('workers-refresh-status').innerText")
+    browser.screenshot(ARTIFACTS / "flower-dashboard.png")
+    assert "Connecting" not in refreshed, refreshed
+    assert browser.console == [], browser.console

@@ -1,0 +1,153 @@
+"""Dynamic batching across tasks: one batcher per model collects decoded images from
+all the tasks running in a worker and calls the model on up to ``max_batch_size``
+of them at once, as soon as it has that many or ``max_delay`` after the first.
+
+Tasks decode their images in other threads while the model runs, so the model
+never waits for input that is ready (Pillow and TensorFlow release the GIL).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import numpy as np
+
+from workers.classifier import Classifier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TopK:
+    """One image's top-k: indices into the model output, activated scores, best first."""
+
+    indices: tuple[int, ...]
+    scores: tuple[float, ...]
+
+
+@dataclass
+class _Item:
+    image: np.ndarray
+    future: Future[TopK]
+
+
+class BatcherClosed(RuntimeError):
+    """The batcher was closed (the worker is stopping)."""
+
+
+class DynamicBatcher:
+    """Runs one model on batches gathered from concurrent callers, in a thread of its own."""
+
+    def __init__(
+        self,
+        classifier: Classifier,
+        *,
+        max_batch_size: int | None = None,
+        max_delay: float = 0.002,
+        max_pending: int | None = None,
+    ) -> None:
+        self.classifier = classifier
+        self.max_batch_size = min(
+            max_batch_size or classifier.max_batch_size, classifier.max_batch_size
+        )
+        self.max_delay = max_delay
+        # Bounds the decoded images waiting for the model (memory), whatever the
+        # number of tasks running: submit() blocks while it is full.
+        self._queue: queue.Queue[_Item | None] = queue.Queue(
+            maxsize=max_pending or 4 * self.max_batch_size
+        )
+        self._closed = False
+        self.batches = 0
+        self.images = 0
+        self._thread = threading.Thread(
+            target=self._run, name=f"imgq-batcher-{classifier.spec.name}", daemon=True
+        )
+        self._thread.start()
+
+    def submit(self, images: Sequence[np.ndarray]) -> list[Future[TopK]]:
+        """Queue images for the model; one future per image."""
+        if self._closed:
+            raise BatcherClosed(f"the batcher of {self.classifier.spec.name!r} is closed")
+        futures: list[Future[TopK]] = []
+        for image in images:
+            item = _Item(image, Future())
+            futures.append(item.future)
+            self._queue.put(item)
+        return futures
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[TopK | Exception]:
+        """Top-k for each image (or the exception the model raised on it), in order."""
+        out: list[TopK | Exception] = []
+        for future in self.submit(images):
+            try:
+                out.append(future.result())
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+    def close(self, timeout: float = 30) -> None:
+        """Finish what is queued, then stop the thread."""
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    # -- the batching thread -----------------------------------------------------------
+    def _gather(self, first: _Item) -> tuple[list[_Item], bool]:
+        """Up to max_batch_size items: what is queued now, then what comes before the deadline."""
+        items = [first]
+        deadline = time.monotonic() + self.max_delay
+        stop = False
+        while len(items) < self.max_batch_size:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    item = self._queue.get(timeout=left)
+                except queue.Empty:
+                    break
+            if item is None:
+                stop = True
+                break
+            items.append(item)
+        return items, stop
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            items, stop = self._gather(first)
+            self._execute(items)
+            if stop:
+                return
+
+    def _execute(self, items: list[_Item]) -> None:
+        try:
+            preds = self.classifier.predict([it.image for it in items])
+        except Exception as exc:
+            if len(items) == 1:
+                items[0].future.set_exception(exc)
+                return
+            # One bad input must not fail the others: run them one by one.
+            log.warning(
+                "model %s failed on a batch of %d (%s); retrying one by one",
+                self.classifier.spec.name,
+                len(items),
+                exc,
+            )
+            for item in items:
+                self._execute([item])
+            return
+        self.batches += 1
+        self.images += len(items)
+        for item, idx, sc in zip(items, preds.indices, preds.scores, strict=True):
+            item.future.set_result(TopK(tuple(int(i) for i in idx), tuple(float(s) for s in sc)))

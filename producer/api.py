@@ -12,11 +12,13 @@ Tasks are sent by name; nothing here imports TensorFlow.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from celery import Celery
 
 from producer.sources import expand_sources
@@ -27,6 +29,7 @@ from shared.schemas import ErrorCode, ImageRef, ResultRecord, error_record
 from shared.settings import Settings, get_settings
 
 _MGET_BATCH = 500
+log = logging.getLogger(__name__)
 
 
 class JobTimeout(TimeoutError):
@@ -168,6 +171,7 @@ class Job:
         from tqdm import tqdm
 
         deadline = None if timeout is None else time.monotonic() + timeout
+        delay = min(0.005, poll_interval)
         status = self.status()
         bar = tqdm(
             total=status.images_total,
@@ -189,12 +193,26 @@ class Job:
                         f"job {self.job_id} not finished after {timeout:g} s "
                         f"({status.images_finished}/{status.images_total} image results)"
                     )
-                time.sleep(poll_interval)
+                # Poll fast at first (a small job is done in milliseconds), then
+                # back off to poll_interval so a long job costs Redis nothing.
+                time.sleep(delay)
+                delay = min(poll_interval, delay * 1.5)
                 if check is not None:
                     check()
-                status = self.status()
+                status = self._status_patiently(status, deadline)
         finally:
             bar.close()
+
+    def _status_patiently(self, last: JobStatus, deadline: float | None) -> JobStatus:
+        """The job's status; while Redis is unreachable (a restart), the last one seen."""
+        try:
+            return self.status()
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                redis.exceptions.BusyLoadingError) as exc:
+            if deadline is not None and time.monotonic() > deadline:
+                raise
+            log.warning("job %s: Redis unreachable (%s); still waiting", self.job_id, exc)
+            return last
 
     def _outcomes(self, task_ids: Sequence[str]) -> list[TaskOutcome]:
         backend = self.client.app.backend

@@ -151,10 +151,20 @@ class EmbeddedRedis:
 class EmbeddedWorker:
     """A real ``imgq worker`` process for the given models, logging to a file."""
 
-    def __init__(self, models: Sequence[str], broker_url: str, log_path: Path) -> None:
+    def __init__(
+        self,
+        models: Sequence[str],
+        broker_url: str,
+        log_path: Path,
+        *,
+        args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.models = list(models)
         self.broker_url = broker_url
         self.log_path = log_path
+        self.args = list(args)
+        self.env = dict(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> EmbeddedWorker:
@@ -166,6 +176,7 @@ class EmbeddedWorker:
         }
         env["IMGQ_BROKER_URL"] = self.broker_url
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        env.update(self.env)
         cmd = [
             sys.executable,
             "-m",
@@ -175,6 +186,7 @@ class EmbeddedWorker:
             f"imgq-run-{os.getpid()}@%h",
             "--loglevel",
             "INFO",
+            *self.args,
         ]
         for model in self.models:
             cmd += ["--model", model]

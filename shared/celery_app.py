@@ -9,7 +9,7 @@ from typing import Any
 from celery import Celery
 from kombu import Queue
 
-from shared.jobs import JobStore
+from shared.jobs import AttemptStore, JobStore
 from shared.settings import Settings, get_settings
 
 CLASSIFY_TASK = "imgq.classify"
@@ -37,11 +37,24 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         # Redis redelivers a task that was taken but not acknowledged after this
         # long; it must exceed the longest task (see docs/operations.md).
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
-        "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
-        # On a lost broker connection, cancel (and so redeliver) running late-ack
-        # tasks rather than acknowledging them on a connection that is gone.
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout,
+            # Look for abandoned (unacknowledged, timed out) messages every few
+            # seconds rather than every 100: a dead worker's tasks come back
+            # within about visibility_timeout + this interval.
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 10)),
+            "unacked_restore_throttle": 1,
+        },
+        # Result writes retry through a Redis restart (about a minute at most).
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 20,
+        "result_backend_base_sleep_between_retries_ms": 50,
+        "result_backend_max_sleep_between_retries_ms": 5000,
+        # On a lost broker connection, running tasks finish (threads cannot be
+        # cancelled); their acknowledgement is lost with the connection, so Redis
+        # delivers them again after the visibility timeout, and the rerun writes
+        # the same result under the same task id.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         # Task events for Flower: sent, started, succeeded, failed, retried.
@@ -83,3 +96,8 @@ def job_store_for(app: Celery) -> JobStore:
             "is not a Redis URL (set IMGQ_RESULT_BACKEND to redis:// or rediss://)"
         )
     return JobStore(client, ttl=int(app.conf.result_expires))
+
+
+def attempt_store_for(app: Celery) -> AttemptStore:
+    """The per-task delivery bookkeeping, next to the job records."""
+    return AttemptStore(job_store_for(app).client, ttl=int(app.conf.result_expires))

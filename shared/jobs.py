@@ -250,6 +250,59 @@ class JobStore:
         return status
 
 
+class AttemptStore:
+    """Per-task delivery bookkeeping, so that an input that kills worker processes
+    cannot make its task loop forever.
+
+    Keys (expiring with the job): ``imgq:task:<id>:attempts`` (deliveries started),
+    ``:inflight`` (the image being worked on, one at a time, after a first crash),
+    ``:partial`` (records already made, kept across crashes).
+    """
+
+    def __init__(self, client: redis.Redis, *, ttl: int) -> None:
+        self.client = client
+        self.ttl = ttl
+
+    @staticmethod
+    def _key(tid: str, suffix: str) -> str:
+        return f"imgq:task:{tid}:{suffix}"
+
+    def begin(self, tid: str) -> int:
+        """Count one more delivery of a task that starts to run; the count (1 the first time)."""
+        key = self._key(tid, "attempts")
+        pipe = self.client.pipeline(transaction=False)
+        pipe.incr(key)
+        pipe.expire(key, self.ttl)
+        return int(pipe.execute()[0])
+
+    def inflight(self, tid: str) -> int | None:
+        """The image a previous delivery was working on when its process died, if any."""
+        raw = self.client.get(self._key(tid, "inflight"))
+        return None if raw is None else int(raw)
+
+    def set_inflight(self, tid: str, index: int) -> None:
+        """Record the image about to be worked on."""
+        self.client.set(self._key(tid, "inflight"), index, ex=self.ttl)
+
+    def partial(self, tid: str) -> dict[int, dict[str, Any]]:
+        """Records already made by earlier deliveries, by position in the chunk."""
+        raw: dict[bytes, bytes] = self.client.hgetall(self._key(tid, "partial"))  # type: ignore[assignment]
+        return {int(k): json.loads(v) for k, v in raw.items()}
+
+    def save_partial(self, tid: str, index: int, record: dict[str, Any]) -> None:
+        """Keep one record so that a later delivery does not redo it."""
+        key = self._key(tid, "partial")
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(key, str(index), json.dumps(record))
+        pipe.delete(self._key(tid, "inflight"))
+        pipe.expire(key, self.ttl)
+        pipe.execute()
+
+    def clear(self, tid: str) -> None:
+        """Forget a task's delivery state (it finished)."""
+        self.client.delete(*(self._key(tid, s) for s in ("attempts", "inflight", "partial")))
+
+
 def _decode_chunk(raw: bytes | str) -> list[ImageRef]:
     items: list[Any] = json.loads(raw)
     return [ImageRef(src=src, ref=ref) for src, ref in items]

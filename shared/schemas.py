@@ -34,6 +34,7 @@ class ErrorCode(StrEnum):
     INFERENCE_FAILED = "inference_failed"  # the model failed on this image alone
     TASK_FAILED = "task_failed"  # the whole task failed after its retries
     UNKNOWN_MODEL = "unknown_model"  # the task named a model this worker does not serve
+    WORKER_CRASHED = "worker_crashed"  # a worker process died while working on this image
 
 
 class ImageRef(BaseModel):

@@ -28,6 +28,12 @@ TEST_MODELS: dict[str, tuple[int, str, str, str]] = {
     "tcustom": (7, "dict", "softmax", "custom-labels.txt"),
     "tpoison": (1000, "logits", "softmax", "imagenet1k"),
 }
+# Served by no shared worker: tests that start workers of their own use these.
+SOLO_MODELS: dict[str, tuple[int, str, str, str]] = {
+    "tsolo": (7, "dict", "softmax", "custom-labels.txt"),
+    "tfault": (1000, "logits", "softmax", "imagenet1k"),
+    "tabort": (1000, "logits", "softmax", "imagenet1k"),
+}
 CUSTOM_LABELS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta"]
 
 
@@ -116,9 +122,15 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("models")
     (base / "custom-labels.txt").write_text("\n".join(CUSTOM_LABELS) + "\n", encoding="utf-8")
     lines = []
-    for seed, (name, (classes, output, activation, labels)) in enumerate(TEST_MODELS.items()):
+    all_models = {**TEST_MODELS, **SOLO_MODELS}
+    for seed, (name, (classes, output, activation, labels)) in enumerate(all_models.items()):
         build_classifier(
-            base / name, classes, output=output, seed=seed, fail_on_bright=name == "tpoison"
+            base / name,
+            classes,
+            output=output,
+            seed=seed,
+            fail_on_bright=name == "tpoison",
+            abort_on_bright=name == "tabort",
         )
         lines += [
             f"[models.{name}]",
@@ -128,14 +140,6 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             f'labels = "{labels}"',
             "",
         ]
-    # Served by no shared worker: for tests that start a worker of their own.
-    lines += [
-        "[models.tsolo]",
-        'handle = "tcustom"',
-        "input_size = 32",
-        'labels = "custom-labels.txt"',
-        "",
-    ]
     (base / "models.toml").write_text("\n".join(lines), encoding="utf-8")
     return base
 

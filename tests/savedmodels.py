@@ -15,6 +15,7 @@ def build_classifier(
     output: str = "logits",
     seed: int = 0,
     fail_on_bright: bool = False,
+    abort_on_bright: bool = False,
 ) -> Path:
     """Save a deterministic linear classifier over a 4x4 colour grid of the image.
 
@@ -22,6 +23,8 @@ def build_classifier(
     or "dict" (logits under a single named output, like a serving signature).
     ``fail_on_bright``: the model raises on a batch holding an all-white image
     (a model error on one input, for poison-input tests).
+    ``abort_on_bright``: the process aborts on such an image, as a crashing native
+    decoder or driver would (for crash-loop tests).
     """
     import tensorflow as tf
 
@@ -40,6 +43,15 @@ def build_classifier(
             if fail_on_bright:
                 means = tf.reduce_mean(images, axis=[1, 2, 3])
                 tf.debugging.assert_less(means, 0.999, message="poison: an all-white image")
+            if abort_on_bright:
+                means = tf.reduce_mean(images, axis=[1, 2, 3])
+
+                def die() -> tf.Tensor:
+                    op = tf.raw_ops.Abort(error_msg="poison: an all-white image killed the process")
+                    with tf.control_dependencies([op]):
+                        return tf.identity(images)
+
+                images = tf.cond(tf.reduce_any(means >= 0.999), die, lambda: images)
             grid = tf.image.resize(images, [4, 4], method="area")
             feats = tf.reshape(grid, [-1, 48]) - 0.5
             logits = tf.matmul(feats, self.w) + self.b

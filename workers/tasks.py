@@ -4,21 +4,62 @@ the job's bookkeeping. The logic lives in ``workers.runtime``."""
 from __future__ import annotations
 
 import logging
-from typing import Any
+import time
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any, TypeVar
 
+import redis
 from celery import Task
 
-from shared.celery_app import CLASSIFY_TASK
-from shared.schemas import ErrorCode, ImageRef, ResultRecord, error_record
+from shared.celery_app import CLASSIFY_TASK, attempt_store_for
+from shared.jobs import AttemptStore
+from shared.schemas import ErrorCode, ImageRef, error_record
 from workers.app import app, job_store
 from workers.state import get_runtime
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# How long bookkeeping writes keep trying while Redis is away (a restart).
+REDIS_PATIENCE_S = 120.0
 
 
-def _count(records: list[dict[str, Any]]) -> tuple[int, int]:
-    failed = sum(1 for r in records if r.get("error"))
-    return len(records) - failed, failed
+class InvalidTask(ValueError):
+    """The message does not have the shape imgq sends; retrying cannot help."""
+
+
+@lru_cache(maxsize=1)
+def attempt_store() -> AttemptStore:
+    """This worker's view of per-task delivery counts."""
+    return attempt_store_for(app)
+
+
+def patiently(action: Callable[[], T], what: str) -> T:
+    """Run a Redis write, retrying with backoff for a while if Redis is unreachable."""
+    delay = 0.1
+    deadline = time.monotonic() + REDIS_PATIENCE_S
+    while True:
+        try:
+            return action()
+        except (
+            redis.exceptions.ConnectionError,
+            redis.exceptions.TimeoutError,
+            redis.exceptions.BusyLoadingError,
+        ) as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("%s: Redis unreachable (%s); retrying in %.1f s", what, exc, delay)
+            time.sleep(delay)
+            delay = min(5.0, delay * 2)
+
+
+def parse_images(images: Any) -> list[ImageRef]:
+    """The chunk's image references; InvalidTask when the message is malformed."""
+    try:
+        return [ImageRef(src=src, ref=ref) for src, ref in images]
+    except (TypeError, ValueError) as exc:
+        raise InvalidTask(f"malformed image list in the task message: {exc}") from exc
 
 
 class ClassifyTask(Task):
@@ -26,16 +67,27 @@ class ClassifyTask(Task):
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
         """Count the chunk's results (runs after the result backend has them)."""
-        ok, failed = _count(retval)
-        job_store().mark_finished(task_id, ok=ok, failed=failed)
+        failed = sum(1 for r in retval if r.get("error"))
+        patiently(
+            lambda: job_store().mark_finished(task_id, ok=len(retval) - failed, failed=failed),
+            f"recording task {task_id}",
+        )
+        patiently(lambda: attempt_store().clear(task_id), f"clearing task {task_id}")
 
     def on_failure(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
     ) -> None:
         """A chunk that failed for good counts all its images as failed."""
-        images = kwargs.get("images") or (args[3] if len(args) > 3 else [])
         try:
-            job_store().mark_finished(task_id, ok=0, failed=len(images))
+            n = len(job_store().chunk(task_id.split(".")[0], int(task_id.rsplit(".", 1)[1])))
+        except Exception:
+            images = kwargs.get("images") or (args[3] if len(args) > 3 else [])
+            n = len(images) if isinstance(images, list) else 0
+        try:
+            patiently(
+                lambda: job_store().mark_finished(task_id, ok=0, failed=n),
+                f"recording failed task {task_id}",
+            )
         except Exception:
             log.exception("could not record the failure of task %s", task_id)
 
@@ -44,9 +96,12 @@ class ClassifyTask(Task):
     name=CLASSIFY_TASK,
     base=ClassifyTask,
     bind=True,
-    # Unexpected errors (not per-image ones, which become error records) are
-    # retried with exponential backoff, then the chunk fails as a whole.
+    # Unexpected errors (per-image ones become error records) are retried with
+    # exponential backoff, a bounded number of times; then the chunk fails as a
+    # whole and its images get task_failed records. A malformed message is not
+    # retried.
     autoretry_for=(Exception,),
+    dont_autoretry_for=(InvalidTask,),
     retry_backoff=2,
     retry_backoff_max=60,
     retry_jitter=True,
@@ -56,21 +111,61 @@ def classify(
     self: Task, job_id: str, model: str, chunk: int, images: list[list[str]]
 ) -> list[dict[str, Any]]:
     """Classify one chunk of images with one model; one result record per image."""
-    refs = [ImageRef(src=src, ref=ref) for src, ref in images]
-    try:
-        runtime = get_runtime()
-    except RuntimeError as exc:
-        records: list[ResultRecord] = [
-            error_record(job_id, r.src, model, ErrorCode.UNKNOWN_MODEL, str(exc)) for r in refs
-        ]
+    refs = parse_images(images)
+    tid = self.request.id
+    runtime = get_runtime()
+    deliveries = patiently(lambda: attempt_store().begin(tid), f"counting task {tid}")
+    # Deliveries beyond the retries Celery made are redeliveries after a worker
+    # process died with this task: isolate the images one by one.
+    crashes = deliveries - 1 - (self.request.retries or 0)
+    if crashes <= 0:
+        records = [r.to_json_dict() for r in runtime.classify(job_id, model, refs)]
     else:
-        records = runtime.classify(job_id, model, refs)
+        records = _classify_isolated(tid, job_id, model, refs, runtime_classify=runtime.classify)
     log.info(
-        "job %s model %s chunk %d: %d images, %d errors",
+        "job %s model %s chunk %d: %d images, %d errors%s",
         job_id,
         model,
         chunk,
         len(records),
-        sum(1 for r in records if r.error),
+        sum(1 for r in records if r.get("error")),
+        f" (delivery {deliveries}, images one by one)" if crashes > 0 else "",
     )
-    return [r.to_json_dict() for r in records]
+    return records
+
+
+def _classify_isolated(
+    tid: str,
+    job_id: str,
+    model: str,
+    refs: list[ImageRef],
+    *,
+    runtime_classify: Callable[..., Any],
+) -> list[dict[str, Any]]:
+    """One image at a time, each recorded before the next: an image that was being
+    worked on when a process died is not tried again but gets ``worker_crashed``."""
+    store = attempt_store()
+    done = store.partial(tid)
+    crashed = store.inflight(tid)
+    records: list[dict[str, Any]] = []
+    for i, ref in enumerate(refs):
+        record = done.get(i)
+        if record is None:
+            if i == crashed:
+                log.error(
+                    "task %s: %s was being classified when a worker died; skipped", tid, ref.src
+                )
+                record = error_record(
+                    job_id,
+                    ref.src,
+                    model,
+                    ErrorCode.WORKER_CRASHED,
+                    "a worker process died while classifying this image; it is not tried "
+                    "again so that the job can finish (see the worker logs)",
+                ).to_json_dict()
+            else:
+                store.set_inflight(tid, i)
+                record = runtime_classify(job_id, model, [ref])[0].to_json_dict()
+            store.save_partial(tid, i, record)
+        records.append(record)
+    return records

@@ -1,0 +1,263 @@
+"""Nothing lost: faults on real processes. Workers killed mid-job, Redis restarted,
+duplicate deliveries, an input that kills the process, graceful shutdown, and a
+pickled message. Each ends with every image exactly once per model."""
+
+from __future__ import annotations
+
+import pickle
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from producer.api import Client
+from shared.settings import Settings
+from tests.conftest import RedisServer, WorkerProcess, wait_ready
+
+pytestmark = pytest.mark.slow
+
+# Short enough that a dead worker's tasks come back within seconds.
+FAST_REDELIVERY = {"IMGQ_VISIBILITY_TIMEOUT": "10"}
+# Each batch waits 250 ms for images that never come: a job lasts long enough to
+# be interrupted, without burning the CPU.
+SLOW = {"IMGQ_MAX_BATCH_DELAY_MS": "250"}
+
+
+def make_images(folder: Path, n: int, *, size: tuple[int, int] = (320, 240)) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = folder / f"img{i:04d}.jpg"
+        Image.new("RGB", size, (i % 200, (5 * i) % 200, 60)).save(path, quality=85)
+        paths.append(str(path))
+    return paths
+
+
+def assert_exactly_once(records: list[Any], images: list[str], models: list[str]) -> None:
+    counts = Counter((r.image, r.model) for r in records)
+    assert set(counts) == {(i, m) for i in images for m in models}
+    assert max(counts.values()) == 1
+
+
+def succeeded(worker: WorkerProcess) -> int:
+    return worker.output().count("succeeded in")
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_worker_killed_mid_job_its_tasks_go_to_another(
+    start_worker: Callable[..., WorkerProcess], client: Client, tmp_path: Path
+) -> None:
+    images = make_images(tmp_path / "imgs", 240)
+    env = {**FAST_REDELIVERY, **SLOW}
+    a = start_worker("tfault", name="kill-a", env=env, args=("--concurrency", "2"))
+    b = start_worker("tfault", name="kill-b", env=env, args=("--concurrency", "2"))
+    job = client.submit(images, models=["tfault"], chunk_size=2)
+    kills = 0
+    for _ in range(3):
+        # Kill A while it has work in hand, then bring it back (a supervisor would).
+        wait_for(lambda: succeeded(a) >= 3 or job.status().finished, 120,
+                 f"worker A to get going: {job.status().models}")
+        if job.status().finished:
+            break
+        a.proc.send_signal(signal.SIGKILL)
+        a.proc.wait(30)
+        kills += 1
+        if job.status().finished:
+            break
+        a = start_worker("tfault", name=f"kill-a{kills}", env=env, args=("--concurrency", "2"))
+    b.stop()  # the rest of the job, redelivered tasks included, goes to the last A
+    status = job.wait(progress=False, timeout=240)
+    assert kills >= 2
+    assert status.models["tfault"].as_dict() == {
+        "total": 240, "done": 240, "failed": 0, "pending": 0
+    }
+    records = job.results()
+    assert_exactly_once(records, images, ["tfault"])
+    assert all(r.error is None for r in records)
+    assert succeeded(b) > 0
+    a.stop()
+
+
+def test_redis_restart_mid_job(
+    imgq_env: dict[str, str],
+    start_worker: Callable[..., WorkerProcess],
+    tmp_path: Path,
+) -> None:
+    server = RedisServer(tmp_path / "redis", appendonly=True).start()
+    try:
+        env = {"IMGQ_BROKER_URL": server.url, **FAST_REDELIVERY, **SLOW}
+        worker = start_worker("tfault", name="restart", env=env, args=("--concurrency", "2"))
+        images = make_images(tmp_path / "imgs", 200)
+        client = Client(Settings(broker_url=server.url, models_file=imgq_env["IMGQ_MODELS_FILE"]))
+        job = client.submit(images, models=["tfault"], chunk_size=2)
+        wait_for(lambda: succeeded(worker) >= 5, 120, "the job to start")
+        server.stop()  # SIGTERM: Redis writes its append-only file and exits
+        time.sleep(1.0)
+        server.start()  # same port, same data directory
+        status = job.wait(progress=False, timeout=300)
+        assert status.finished
+        records = job.results()
+        assert_exactly_once(records, images, ["tfault"])
+        assert all(r.error is None for r in records)
+        assert worker.proc.poll() is None, "the worker must survive the restart"
+        worker.stop()
+    finally:
+        server.stop()
+
+
+def test_duplicate_delivery_counts_once(
+    shared_worker: WorkerProcess, client: Client, photos: Path
+) -> None:
+    sources = sorted(str(p) for p in photos.glob("*.jpg"))
+    job = client.submit(sources, models=["t1001"], chunk_size=2)
+    job.wait(progress=False, timeout=120)
+    before = job.status().models["t1001"].as_dict()
+    # The same tasks delivered again (a redelivery after a slow batch, a resume):
+    for index in range(job.record.n_chunks):
+        job.send_chunk("t1001", index, client.store.chunk(job.job_id, index))
+    time.sleep(0.5)
+    wait_for(lambda: shared_worker.output().count(job.job_id) >= 4 * job.record.n_chunks, 60,
+             "the duplicates to run")
+    assert job.status().models["t1001"].as_dict() == before == {
+        "total": 3, "done": 3, "failed": 0, "pending": 0
+    }
+    assert_exactly_once(job.results(), sources, ["t1001"])
+
+
+def test_input_that_kills_the_process_is_isolated_and_skipped(
+    start_worker: Callable[..., WorkerProcess], client: Client, tmp_path: Path
+) -> None:
+    images = make_images(tmp_path / "imgs", 6)
+    white = tmp_path / "imgs" / "white.png"
+    Image.new("RGB", (40, 40), (255, 255, 255)).save(white)
+    sources = [*images[:3], str(white), *images[3:]]
+    job = client.submit(sources, models=["tabort"], chunk_size=8)
+    crashes = 0
+    # A supervisor restarts the worker each time the poison input kills it.
+    while not job.status().finished:
+        worker = start_worker("tabort", name=f"abort-{crashes}", env=FAST_REDELIVERY)
+        deadline = time.monotonic() + 120
+        while worker.proc.poll() is None and not job.status().finished:
+            assert time.monotonic() < deadline, worker.output()
+            time.sleep(0.2)
+        if worker.proc.poll() is not None:
+            crashes += 1
+            assert "poison" in worker.output()
+        else:
+            worker.stop()
+        assert crashes <= 3, "the crash loop must be bounded"
+    assert crashes == 2  # once in a batch, once alone; then it is skipped
+    records = {r.image: r for r in job.results()}
+    assert len(records) == len(sources)
+    assert records[str(white)].error is not None
+    assert records[str(white)].error.code.value == "worker_crashed"
+    assert all(records[s].error is None for s in images)
+
+
+def test_sigterm_finishes_the_current_batch_and_loses_nothing(
+    start_worker: Callable[..., WorkerProcess], client: Client, tmp_path: Path
+) -> None:
+    images = make_images(tmp_path / "imgs", 160)
+    a = start_worker("tfault", name="term-a", env=SLOW, args=("--concurrency", "2"))
+    job = client.submit(images, models=["tfault"], chunk_size=4)
+    wait_for(lambda: succeeded(a) >= 2, 120, "worker A to get going")
+    a.proc.send_signal(signal.SIGTERM)
+    assert a.proc.wait(60) == 0  # warm shutdown: the running tasks finish first
+    b = start_worker("tfault", name="term-b", env=SLOW, args=("--concurrency", "2"))
+    job.wait(progress=False, timeout=240)
+    records = job.results()
+    assert_exactly_once(records, images, ["tfault"])
+    assert all(r.error is None for r in records)
+    # Nothing done twice: every task succeeded once, on one worker or the other.
+    assert succeeded(a) + succeeded(b) == job.record.n_chunks
+    assert "Warm shutdown" in a.output()
+    b.stop()
+
+
+def test_pickled_message_is_rejected_not_run(
+    shared_worker: WorkerProcess, client: Client, tmp_path: Path
+) -> None:
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (Path.touch, (marker,))
+
+    payload = pickle.dumps(((Exploit(),), {}, {}))
+    with client.app.producer_or_acquire() as producer:
+        producer.publish(
+            payload,
+            routing_key="imgq.t1001",
+            exchange="imgq.t1001",
+            content_type="application/x-python-serialize",
+            content_encoding="binary",
+            headers={"task": "imgq.classify", "id": "pickled-1", "lang": "py"},
+            declare=[],
+        )
+    wait_for(lambda: "pickled-1" in shared_worker.output()
+             or "untrusted" in shared_worker.output(), 30, "the worker to see the message")
+    time.sleep(0.5)
+    assert not marker.exists()
+    assert shared_worker.proc.poll() is None
+    assert "untrusted content" in shared_worker.output().lower() or "refusing" in (
+        shared_worker.output().lower()
+    )
+    # The worker still works.
+    job = client.submit([str(p) for p in make_images(tmp_path / "ok", 1)], models=["t1001"])
+    job.wait(progress=False, timeout=60)
+    assert job.results()[0].error is None
+
+
+def test_url_to_loopback_is_refused_by_default(
+    shared_worker: WorkerProcess, client: Client
+) -> None:
+    job = client.submit(["http://127.0.0.1:9/cat.jpg", "http://169.254.169.254/latest/x.jpg"],
+                        models=["t1001"])
+    job.wait(progress=False, timeout=60)
+    codes = {r.image: r.error.code.value for r in job.results() if r.error}
+    assert codes == {
+        "http://127.0.0.1:9/cat.jpg": "url_refused",
+        "http://169.254.169.254/latest/x.jpg": "url_refused",
+    }
+
+
+def test_allowed_roots_hold_in_the_worker(
+    start_worker: Callable[..., WorkerProcess], client: Client, tmp_path: Path
+) -> None:
+    root = tmp_path / "root"
+    inside = make_images(root, 1)
+    outside = make_images(tmp_path / "elsewhere", 1)
+    (root / "escape.jpg").symlink_to(outside[0])
+    worker = start_worker("tfault", name="roots", env={"IMGQ_ALLOWED_ROOTS": str(root)})
+    sources = [inside[0], outside[0], str(root / "escape.jpg"), str(root / ".." / "elsewhere"
+                                                                     / "img0000.jpg")]
+    job = client.submit(sources, models=["tfault"])
+    job.wait(progress=False, timeout=60)
+    codes = {r.image: (r.error.code.value if r.error else None) for r in job.results()}
+    assert codes == {
+        sources[0]: None,
+        sources[1]: "outside_allowed_roots",
+        sources[2]: "outside_allowed_roots",
+        sources[3]: "outside_allowed_roots",
+    }
+    worker.stop()
+
+
+def test_wait_ready_helper_reports_a_dead_worker(
+    start_worker: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    worker = start_worker("nope", name="nope", wait=False)
+    with pytest.raises(RuntimeError, match="worker exited"):
+        wait_ready(worker, timeout=120)

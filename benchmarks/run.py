@@ -1,0 +1,353 @@
+"""imgq benchmarks: every figure measured side by side in one run, ratios printed.
+
+    python benchmarks/run.py            # the full run (about 6 minutes on 2 CPU cores)
+    python benchmarks/run.py --quick    # fewer images, for a smoke test
+
+Uses the real ResNet-50 architecture with random weights, saved as a SavedModel
+(TF Hub's calling convention: float32 [batch, 224, 224, 3] in [0, 1] -> logits),
+real JPEG files (scikit-image's sample photos, cropped and resized), a real Redis
+and real worker processes. Figures:
+
+1. pipeline efficiency: images/s through imgq (submit, queue, decode, infer, store,
+   retrieve) / images/s of the same SavedModel called directly on decoded batches;
+2. single-image tasks with dynamic batching / 32-image chunks;
+3. queue capacity: the same path with a model that does no work (returns zeros);
+4. latency of a 1-image job on a warm worker against the model's own 1-image call;
+5. memory: worker peak RSS against a bare process that loads the same SavedModel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+TARGETS = {"efficiency": 0.90, "single_vs_chunked": 0.85, "capacity": 5000.0}
+
+
+# --- the models and images -----------------------------------------------------------
+def build_resnet50(path: Path) -> None:
+    """ResNet-50 (random weights) as a SavedModel taking [0, 1] RGB, returning 1000 logits."""
+    import tensorflow as tf
+
+    model = tf.keras.applications.ResNet50(weights=None, classifier_activation=None)
+
+    class Module(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 224, 224, 3], tf.float32)])
+        def __call__(self, images: tf.Tensor) -> tf.Tensor:
+            x = tf.keras.applications.resnet50.preprocess_input(images * 255.0)
+            return self.model(x, training=False)
+
+    tf.saved_model.save(Module(), str(path))
+
+
+def build_zeros(path: Path, classes: int = 1000) -> None:
+    """A model that does no work: zeros of shape [batch, classes]."""
+    import tensorflow as tf
+
+    class Zeros(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+        def __call__(self, images: tf.Tensor) -> tf.Tensor:
+            return tf.zeros([tf.shape(images)[0], classes], tf.float32)
+
+    tf.saved_model.save(Zeros(), str(path))
+
+
+def write_photos(folder: Path, n: int, size: tuple[int, int] = (640, 480)) -> list[Path]:
+    """n real-photo JPEGs (crops of scikit-image's samples, resized), quality 90."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = [Image.fromarray(f()) for f in (data.chelsea, data.coffee, data.astronaut)]
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        src = sources[i % len(sources)]
+        w, h = src.size
+        cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        img = src.crop((x, y, x + cw, y + ch)).resize(size, Image.Resampling.BILINEAR)
+        path = folder / f"photo{i:05d}.jpg"
+        img.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def write_tiny(folder: Path, n: int) -> list[Path]:
+    """n 32x32 JPEGs, for the capacity run (decoding them costs next to nothing)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = folder / f"t{i:06d}.jpg"
+        Image.new("RGB", (32, 32), (i % 251, (3 * i) % 251, 80)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+# --- the direct baseline, in a bare process of its own ---------------------------------
+def direct_main(model: str, batch: int, batches: int, out: str) -> None:
+    """Called in a subprocess: load the SavedModel, time it on decoded batches."""
+    import numpy as np
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(model)
+    rng = np.random.default_rng(0)
+    data = tf.constant(rng.random((batch, 224, 224, 3), dtype=np.float32))
+    one = tf.constant(rng.random((1, 224, 224, 3), dtype=np.float32))
+    for _ in range(2):  # trace and warm up both shapes
+        loaded(data).numpy()
+        loaded(one).numpy()
+    start = time.perf_counter()
+    for _ in range(batches):
+        loaded(data).numpy()
+    elapsed = time.perf_counter() - start
+    singles = []
+    for _ in range(10):
+        t = time.perf_counter()
+        loaded(one).numpy()
+        singles.append(time.perf_counter() - t)
+    Path(out).write_text(
+        json.dumps(
+            {
+                "images_per_s": batch * batches / elapsed,
+                "single_ms": statistics.median(singles) * 1000,
+                "peak_rss_mb": peak_rss_mb(os.getpid()),
+            }
+        )
+    )
+
+
+def peak_rss_mb(pid: int) -> float:
+    """A process's peak resident memory (VmHWM), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
+def run_direct(model: Path, batch: int, batches: int, workdir: Path) -> dict[str, float]:
+    """The baseline in a fresh process; its figures."""
+    out = workdir / "direct.json"
+    subprocess.run(
+        [sys.executable, __file__, "--direct", str(model), str(batch), str(batches), str(out)],
+        check=True,
+        cwd=ROOT,
+    )
+    result: dict[str, float] = json.loads(out.read_text())
+    return result
+
+
+# --- imgq end to end ------------------------------------------------------------------
+@dataclass
+class Timing:
+    images: int
+    seconds: float
+    submit_s: float
+    wait_s: float
+    results_s: float
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds
+
+
+def run_job(client: Any, sources: Sequence[str], model: str, chunk: int) -> Timing:
+    """Submit, wait and fetch every result; wall-clock of each part."""
+    t0 = time.perf_counter()
+    job = client.submit(list(sources), models=[model], chunk_size=chunk)
+    t1 = time.perf_counter()
+    job.wait(progress=False, poll_interval=0.05)
+    t2 = time.perf_counter()
+    records = job.results()
+    t3 = time.perf_counter()
+    errors = [r for r in records if r.error]
+    if len(records) != len(sources) or errors:
+        raise RuntimeError(f"{len(records)} records for {len(sources)} images; errors: {errors[:3]}")
+    return Timing(len(sources), t3 - t0, t1 - t0, t2 - t1, t3 - t2)
+
+
+class Stack:
+    """A real Redis (unix socket) and one real worker process at a time."""
+
+    def __init__(self, workdir: Path, models_file: Path) -> None:
+        from producer.embedded import EmbeddedRedis
+
+        self.workdir = workdir
+        self.models_file = models_file
+        self.redis = EmbeddedRedis(None).start()
+        self.worker: Any = None
+
+    def client(self) -> Any:
+        from producer.api import Client
+        from shared.settings import Settings
+
+        return Client(Settings(broker_url=self.redis.url, models_file=self.models_file))
+
+    def start_worker(self, model: str, *args: str, env: dict[str, str] | None = None) -> Any:
+        from producer.embedded import EmbeddedWorker
+
+        self.stop_worker()
+        log = self.workdir / f"worker-{model}-{time.monotonic_ns()}.log"
+        self.worker = EmbeddedWorker(
+            [model],
+            self.redis.url,
+            log,
+            args=args,
+            env={"IMGQ_MODELS_FILE": str(self.models_file), **(env or {})},
+        ).start()
+        deadline = time.monotonic() + 300
+        while not self.worker.ready():
+            if self.worker.failed() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker did not start: {log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        return self.worker
+
+    def stop_worker(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
+
+    def close(self) -> None:
+        self.stop_worker()
+        self.redis.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer images (a smoke test)")
+    parser.add_argument("--images", type=int, default=None, help="photos per ResNet-50 run")
+    parser.add_argument("--capacity-images", type=int, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--direct", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.direct:
+        model, batch, batches, out = args.direct
+        direct_main(model, int(batch), int(batches), out)
+        return 0
+
+    n_photos = args.images or (64 if args.quick else 384)
+    n_tiny = args.capacity_images or (4096 if args.quick else 40960)
+    batch = 32
+    workdir = Path(tempfile.mkdtemp(prefix="imgq-bench-"))
+    print(f"working in {workdir}", file=sys.stderr)
+
+    t = time.perf_counter()
+    build_resnet50(workdir / "resnet50")
+    build_zeros(workdir / "zeros")
+    photos = [str(p) for p in write_photos(workdir / "photos", n_photos)]
+    tiny = [str(p) for p in write_tiny(workdir / "tiny", n_tiny)]
+    models_file = workdir / "models.toml"
+    models_file.write_text(
+        f'[models.bench_resnet50]\nhandle = "{workdir / "resnet50"}"\ninput_size = 224\n'
+        f'labels = "imagenet1k"\nbatch_size = {batch}\n\n'
+        f'[models.bench_zeros]\nhandle = "{workdir / "zeros"}"\ninput_size = 32\n'
+        'labels = "imagenet1k"\nbatch_size = 512\nmax_batch_delay_ms = 0\n'
+    )
+    print(f"models and {n_photos} + {n_tiny} images ready in {time.perf_counter() - t:.0f} s",
+          file=sys.stderr)
+
+    results: dict[str, Any] = {"photos": n_photos, "tiny_images": n_tiny, "batch": batch}
+    direct = run_direct(workdir / "resnet50", batch, max(4, n_photos // batch), workdir)
+    results["direct"] = direct
+    stack = Stack(workdir, models_file)
+    try:
+        client = stack.client()
+        # 1 and 4: the default worker (threads, concurrency 4), 32-image chunks.
+        worker = stack.start_worker("bench_resnet50")
+        run_job(client, photos[:batch], "bench_resnet50", batch)  # warm every path once
+        chunked = run_job(client, photos, "bench_resnet50", batch)
+        latencies = []
+        for i in range(10):
+            t0 = time.perf_counter()
+            run_job(client, [photos[i]], "bench_resnet50", 1)
+            latencies.append(time.perf_counter() - t0)
+        results["chunked"] = chunked.__dict__ | {"rate": chunked.rate}
+        results["latency_ms"] = statistics.median(latencies) * 1000
+        results["worker_peak_rss_mb"] = peak_rss_mb(worker.proc.pid)
+
+        # 2: single-image tasks, dynamic batching across them, against 32-image
+        # chunks on the same worker (concurrency high enough for batches to fill).
+        stack.start_worker("bench_resnet50", "--concurrency", str(2 * batch))
+        run_job(client, photos[:batch], "bench_resnet50", 1)
+        chunked_hc = run_job(client, photos, "bench_resnet50", batch)
+        single = run_job(client, photos, "bench_resnet50", 1)
+        results["chunked_high_concurrency"] = chunked_hc.__dict__ | {"rate": chunked_hc.rate}
+        results["single"] = single.__dict__ | {"rate": single.rate}
+
+        # 3: routing capacity with a model that does no work.
+        stack.start_worker("bench_zeros", "--concurrency", "4", env={"IMGQ_DECODE_THREADS": "2"})
+        run_job(client, tiny[:512], "bench_zeros", 512)
+        capacity = run_job(client, tiny, "bench_zeros", 512)
+        results["capacity"] = capacity.__dict__ | {"rate": capacity.rate}
+    finally:
+        stack.close()
+
+    ratios = {
+        "efficiency": results["chunked"]["rate"] / direct["images_per_s"],
+        "single_vs_chunked": results["single"]["rate"] / results["chunked_high_concurrency"]["rate"],
+        "capacity": results["capacity"]["rate"],
+    }
+    results["ratios"] = ratios
+    report(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    ok = all(ratios[k] >= v for k, v in TARGETS.items())
+    return 0 if ok else 1
+
+
+def report(r: dict[str, Any]) -> None:
+    d = r["direct"]
+    ratios = r["ratios"]
+
+    def mark(key: str) -> str:
+        return "meets" if ratios[key] >= TARGETS[key] else "MISSES"
+
+    print(f"\nimgq benchmarks: ResNet-50 (random weights), batch {r['batch']}, "
+          f"{r['photos']} photos 640x480; capacity: {r['tiny_images']} 32x32 JPEGs")
+    print(f"  direct SavedModel call, decoded batches   {d['images_per_s']:8.1f} img/s")
+    c = r["chunked"]
+    print(f"  imgq end to end, 32-image chunks          {c['rate']:8.1f} img/s "
+          f"(submit {c['submit_s']:.2f} s, wait {c['wait_s']:.2f} s, results {c['results_s']:.2f} s)")
+    print(f"1 pipeline efficiency                       {ratios['efficiency']:8.3f} "
+          f"(target >= {TARGETS['efficiency']}: {mark('efficiency')})")
+    h, s = r["chunked_high_concurrency"], r["single"]
+    print(f"  32-image chunks, concurrency 64           {h['rate']:8.1f} img/s")
+    print(f"  1-image tasks, dynamic batching           {s['rate']:8.1f} img/s")
+    print(f"2 single-image / chunked                    {ratios['single_vs_chunked']:8.3f} "
+          f"(target >= {TARGETS['single_vs_chunked']}: {mark('single_vs_chunked')})")
+    k = r["capacity"]
+    print(f"3 queue capacity, no-op model               {k['rate']:8.0f} img/s "
+          f"(target >= {TARGETS['capacity']:.0f}: {mark('capacity')}; submit {k['submit_s']:.2f} s, "
+          f"wait {k['wait_s']:.2f} s, results {k['results_s']:.2f} s)")
+    print(f"4 latency, 1-image job on a warm worker     {r['latency_ms']:8.1f} ms "
+          f"(model's own 1-image call {d['single_ms']:.1f} ms; "
+          f"difference {r['latency_ms'] - d['single_ms']:.1f} ms)")
+    print(f"5 peak RSS: worker                          {r['worker_peak_rss_mb']:8.0f} MiB "
+          f"(bare process with the same SavedModel {d['peak_rss_mb']:.0f} MiB; "
+          f"ratio {r['worker_peak_rss_mb'] / d['peak_rss_mb']:.2f})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -21,7 +21,7 @@ from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import httpx
@@ -31,6 +31,11 @@ from PIL import Image, UnidentifiedImageError
 
 from shared.schemas import ErrorCode
 from shared.settings import Settings
+
+try:  # libjpeg-turbo with little Python per image; Pillow decodes everything without it
+    import simplejpeg
+except ImportError:  # pragma: no cover - the worker extra installs it
+    simplejpeg = None
 
 T = TypeVar("T")
 
@@ -561,7 +566,8 @@ def decode_image(data: bytes, size: tuple[int, int], *, max_pixels: int) -> npt.
     if not data:
         raise ImageError(ErrorCode.EMPTY_FILE, "the image data is empty (0 bytes)")
     try:
-        return _decode(data, height, width, max_pixels)
+        fast = _decode_jpeg_fast(data, height, width, max_pixels)
+        return fast if fast is not None else _decode(data, height, width, max_pixels)
     except (ImageError, MemoryError):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -586,6 +592,81 @@ def _target_size(size: tuple[int, int]) -> tuple[int, int]:
     if height < 1 or width < 1:
         raise ValueError(f"size must be positive (height, width), got {size!r}")
     return int(height), int(width)
+
+
+def _decode_jpeg_fast(
+    data: bytes, height: int, width: int, max_pixels: int
+) -> npt.NDArray[np.float32] | None:
+    """Plain JPEGs straight through libjpeg-turbo (simplejpeg): header, DCT-domain
+    downscale and decode in C, with little Python per image. None when the data is
+    anything else (CMYK, odd EXIF, a decoder complaint): the Pillow path then decides,
+    and gives the precise error code for broken data."""
+    if simplejpeg is None or not data.startswith(b"\xff\xd8\xff"):
+        return None
+    try:
+        h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    if colorspace not in ("YCbCr", "Gray", "RGB"):
+        return None
+    if w * h > max_pixels:
+        raise _bomb((w, h), max_pixels)
+    orientation = _jpeg_orientation(data)
+    if orientation is None:
+        return None
+    stored = _stored_size(height, width, orientation)
+    try:
+        # Decoded at 1/2, 1/4 or 1/8 scale while staying >= the target size.
+        array = simplejpeg.decode_jpeg(
+            data, colorspace="RGB", min_width=stored[0], min_height=stored[1], strict=True
+        )
+    except ValueError:
+        return None
+    upright = _transposed(_resized(Image.fromarray(array), stored), orientation)
+    return np.asarray(upright, dtype=np.float32) / np.float32(255.0)
+
+
+def _jpeg_orientation(data: bytes) -> int | None:
+    """The EXIF orientation of a JPEG (1 without EXIF), or None when the EXIF block
+    cannot be read with certainty (the Pillow path then takes the image)."""
+    pos = 2
+    end = len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xDA, 0xD9):  # start of scan / end of image: no EXIF before it
+            return 1
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if length < 2:
+            return None
+        segment = data[pos + 4 : pos + 2 + length]
+        if marker == 0xE1 and segment.startswith(b"Exif\x00\x00"):
+            return _tiff_orientation(segment[6:])
+        pos += 2 + length
+    return None
+
+
+def _tiff_orientation(tiff: bytes) -> int | None:
+    """Tag 0x0112 of IFD0 of a TIFF structure (an EXIF block); 1 when absent."""
+    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return None
+    order: Literal["little", "big"] = "little" if tiff[:2] == b"II" else "big"
+    ifd = int.from_bytes(tiff[4:8], order)
+    if ifd + 2 > len(tiff):
+        return None
+    count = int.from_bytes(tiff[ifd : ifd + 2], order)
+    for i in range(count):
+        entry = ifd + 2 + 12 * i
+        if entry + 12 > len(tiff):
+            return None
+        if int.from_bytes(tiff[entry : entry + 2], order) == _ORIENTATION_TAG:
+            value = int.from_bytes(tiff[entry + 8 : entry + 10], order)
+            return value if 1 <= value <= 8 else 1
+    return 1
 
 
 def _decode(data: bytes, height: int, width: int, max_pixels: int) -> npt.NDArray[np.float32]:

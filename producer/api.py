@@ -16,10 +16,11 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Literal
 
 import redis
 from celery import Celery
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from producer.sources import expand_sources
 from shared.celery_app import CLASSIFY_TASK, create_app, job_store_for
@@ -41,8 +42,19 @@ class TaskOutcome:
     """What the result backend holds for one task: its state and, when ready, its records."""
 
     state: str
-    records: list[dict[str, Any]] | None = None
+    records: list[ResultRecord] | None = None
     error: str | None = None
+
+
+class _SuccessMeta(BaseModel):
+    """A successful task's entry in the result backend (other keys ignored)."""
+
+    status: Literal["SUCCESS"]
+    result: list[ResultRecord]
+
+
+# Parsed and validated in one pass from the stored JSON bytes (pydantic-core).
+_SUCCESS = TypeAdapter(_SuccessMeta)
 
 
 class Client:
@@ -207,8 +219,11 @@ class Job:
         """The job's status; while Redis is unreachable (a restart), the last one seen."""
         try:
             return self.status()
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-                redis.exceptions.BusyLoadingError) as exc:
+        except (
+            redis.exceptions.ConnectionError,
+            redis.exceptions.TimeoutError,
+            redis.exceptions.BusyLoadingError,
+        ) as exc:
             if deadline is not None and time.monotonic() > deadline:
                 raise
             log.warning("job %s: Redis unreachable (%s); still waiting", self.job_id, exc)
@@ -224,10 +239,18 @@ class Job:
                 if value is None:
                     out.append(TaskOutcome(state="PENDING"))
                     continue
+                try:
+                    ok = _SUCCESS.validate_json(value)
+                except ValidationError:
+                    pass
+                else:
+                    out.append(TaskOutcome(state=ok.status, records=ok.result))
+                    continue
                 meta = backend.decode_result(value)
                 state = meta["status"]
-                if state == "SUCCESS":
-                    out.append(TaskOutcome(state=state, records=meta["result"]))
+                if state == "SUCCESS":  # stored in a form the fast parse did not take
+                    records = [ResultRecord.model_validate(r) for r in meta["result"]]
+                    out.append(TaskOutcome(state=state, records=records))
                 elif state == "FAILURE":
                     exc = meta.get("result")
                     out.append(TaskOutcome(state=state, error=f"{type(exc).__name__}: {exc}"))
@@ -251,8 +274,7 @@ class Job:
                 for model in models:
                     outcome = next(outcomes)
                     if outcome.records is not None:
-                        for raw in outcome.records:
-                            yield ResultRecord.model_validate(raw)
+                        yield from outcome.records
                     elif outcome.state == "FAILURE":
                         for ref in self.client.store.chunk(self.job_id, index):
                             yield error_record(

@@ -43,16 +43,22 @@ def _ref(src: str, base: Path) -> ImageRef:
 
 
 def _walk(src: str, directory: Path) -> Iterator[ImageRef]:
-    """Image files under a directory, recursively, in a stable order."""
-    found: list[Path] = []
-    for root, dirs, files in os.walk(directory, followlinks=False):
+    """Image files under a directory, recursively, sorted by path (string operations:
+    this runs once per file of folders with millions of them)."""
+    base = os.path.abspath(directory)
+    found: list[str] = []
+    for root, dirs, files in os.walk(base, followlinks=False):
         dirs.sort()
         found.extend(
-            Path(root) / f for f in sorted(files) if Path(f).suffix.lower() in IMAGE_EXTENSIONS
+            os.path.join(root, f)
+            for f in files
+            if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
         )
-    for path in sorted(found):
-        rel = path.relative_to(directory).as_posix()
-        yield ImageRef(src=f"{src.rstrip('/')}/{rel}", ref=os.path.abspath(path))
+    found.sort()
+    prefix = src.rstrip("/")
+    cut = len(base) + 1
+    for path in found:
+        yield ImageRef(src=f"{prefix}/{path[cut:]}", ref=path)
 
 
 def _manifest_entries(path: Path) -> Iterator[str]:

@@ -8,13 +8,14 @@ import logging
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import numpy as np
 
 from shared.images import ImageError, ReadLimits, load_image
 from shared.registry import ModelSpec, get_model, load_registry
-from shared.schemas import ErrorCode, ImageRef, Prediction, ResultRecord, error_record
+from shared.schemas import ErrorCode, ImageRef, error_record
 from shared.settings import Settings
 from workers.batcher import DynamicBatcher, TopK
 from workers.classifier import Classifier, ModelLoadError, configure_devices
@@ -101,8 +102,11 @@ class Runtime:
             log.exception("unexpected error decoding %s", ref.src)
             return ImageError(ErrorCode.DECODE_FAILED, f"{type(exc).__name__}: {exc}")
 
-    def classify(self, job_id: str, model: str, images: Sequence[ImageRef]) -> list[ResultRecord]:
+    def classify(self, job_id: str, model: str, images: Sequence[ImageRef]) -> list[dict[str, Any]]:
         """One record per image, in order: top-5 for those that decode, an error for the rest.
+
+        Records are plain dicts in the ``ResultRecord`` schema (what the result
+        backend stores): built directly, as this runs for every image.
 
         The chunk is decoded a batch at a time and each batch handed to the model's
         batcher at once, so the next batch decodes while the model runs this one,
@@ -113,7 +117,9 @@ class Runtime:
         if batcher is None:
             message = f"this worker serves {sorted(self.batchers)}, not {model!r}"
             return [
-                error_record(job_id, ref.src, model, ErrorCode.UNKNOWN_MODEL, message)
+                error_record(
+                    job_id, ref.src, model, ErrorCode.UNKNOWN_MODEL, message
+                ).to_json_dict()
                 for ref in images
             ]
         size = batcher.classifier.spec.input_size
@@ -127,10 +133,14 @@ class Runtime:
             futures = iter(batcher.submit(arrays))
             outcomes.extend(d if isinstance(d, ImageError) else next(futures) for d in decoded)
         labels = batcher.classifier.labels
-        records: list[ResultRecord] = []
+        records: list[dict[str, Any]] = []
         for ref, outcome in zip(images, outcomes, strict=True):
             if isinstance(outcome, ImageError):
-                records.append(error_record(job_id, ref.src, model, outcome.code, outcome.message))
+                records.append(
+                    error_record(
+                        job_id, ref.src, model, outcome.code, outcome.message
+                    ).to_json_dict()
+                )
                 continue
             try:
                 top = outcome.result()
@@ -143,12 +153,14 @@ class Runtime:
                         model,
                         ErrorCode.INFERENCE_FAILED,
                         f"the model failed on this image: {type(exc).__name__}: {exc}",
-                    )
+                    ).to_json_dict()
                 )
                 continue
             top5 = [
-                Prediction(index=k, label=labels[k], score=s)
+                {"index": k, "label": labels[k], "score": s}
                 for k, s in zip(top.indices, top.scores, strict=True)
             ]
-            records.append(ResultRecord(job_id=job_id, image=ref.src, model=model, top5=top5))
+            records.append(
+                {"job_id": job_id, "image": ref.src, "model": model, "top5": top5, "error": None}
+            )
         return records

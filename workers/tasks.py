@@ -119,7 +119,7 @@ def classify(
     # process died with this task: isolate the images one by one.
     crashes = deliveries - 1 - (self.request.retries or 0)
     if crashes <= 0:
-        records = [r.to_json_dict() for r in runtime.classify(job_id, model, refs)]
+        records = runtime.classify(job_id, model, refs)
     else:
         records = _classify_isolated(tid, job_id, model, refs, runtime_classify=runtime.classify)
     log.info(
@@ -165,7 +165,7 @@ def _classify_isolated(
                 ).to_json_dict()
             else:
                 store.set_inflight(tid, i)
-                record = runtime_classify(job_id, model, [ref])[0].to_json_dict()
+                record = runtime_classify(job_id, model, [ref])[0]
             store.save_partial(tid, i, record)
         records.append(record)
     return records

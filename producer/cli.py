@@ -523,6 +523,48 @@ def report(job_id: str, out: Path | None, png_dir: Path | None, page_size: int) 
 
 
 @main.command()
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=9808,
+    show_default=True,
+    help="Port to serve /metrics on.",
+)
+@click.option(
+    "--address",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on (0.0.0.0 in a container).",
+)
+@click.option(
+    "-m",
+    "--model",
+    "models",
+    multiple=True,
+    help="Models whose queues to report (default: every model in the registry).",
+)
+def metrics(port: int, address: str, models: tuple[str, ...]) -> None:
+    """Serve Prometheus metrics: queue length per model, unacknowledged tasks."""
+    import time
+
+    from prometheus_client import start_http_server
+    from prometheus_client.core import REGISTRY
+
+    from producer.metrics import QueueCollector
+
+    with _user_errors():
+        client = Client()
+        names = list(models) or list(client.registry())
+        REGISTRY.register(QueueCollector(client.store.client, names))
+    start_http_server(port, addr=address)
+    click.echo(
+        f"serving metrics for {', '.join(names)} on http://{address}:{port}/metrics", err=True
+    )
+    while True:
+        time.sleep(3600)
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def models(as_json: bool) -> None:
     """List the models in the registry (built-ins and IMGQ_MODELS_FILE)."""

@@ -60,6 +60,9 @@ def load_models(sender: Any = None, instance: Any = None, **_: Any) -> None:
     This signal comes after logging is set up and ``-Q`` applied, and before the
     consumer starts: no task arrives before the models are ready.
     """
+    # One INFO line per fetched URL is noise at bulk scale.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         runtime = Runtime.start(_models_for(instance), get_settings())
     except ModelLoadError as exc:

@@ -1,0 +1,62 @@
+"""Prometheus metrics for what Flower does not export: the length of every model's
+queue, the messages taken but not yet acknowledged, and per-model job progress.
+
+    imgq metrics --port 9808        # then scrape http://host:9808/metrics
+
+Values are read from Redis at each scrape (LLEN, HLEN: constant time), so the
+exporter holds no state and any number of them can run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+
+import redis
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from shared.registry import queue_for
+
+log = logging.getLogger(__name__)
+
+UNACKED_KEY = "unacked"  # kombu's Redis transport: messages delivered, not yet acknowledged
+
+
+class QueueCollector(Collector):
+    """Collects queue lengths from Redis for the given models at each scrape."""
+
+    def __init__(self, client: redis.Redis, models: Sequence[str]) -> None:
+        self.client = client
+        self.models = list(models)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """The metric families, freshly read."""
+        up = GaugeMetricFamily("imgq_redis_up", "1 when Redis answered this scrape")
+        queued = GaugeMetricFamily(
+            "imgq_queue_length",
+            "Tasks waiting in a model's queue (each task is one chunk of images)",
+            labels=["model", "queue"],
+        )
+        unacked = GaugeMetricFamily(
+            "imgq_unacked_tasks",
+            "Tasks delivered to workers and not yet acknowledged (running or prefetched)",
+        )
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for model in self.models:
+                pipe.llen(queue_for(model))
+            pipe.hlen(UNACKED_KEY)
+            values = pipe.execute()
+        except redis.exceptions.RedisError as exc:
+            log.warning("metrics: Redis unreachable: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        for model, length in zip(self.models, values[:-1], strict=True):
+            queued.add_metric([model, queue_for(model)], float(length))
+        unacked.add_metric([], float(values[-1]))
+        yield up
+        yield queued
+        yield unacked

@@ -234,12 +234,27 @@ class Stack:
         self.redis.stop()
 
 
+def measure_capacity(stack: Stack, tiny: list[str]) -> dict[str, Any]:
+    """Images/s through one worker process with a model that does no work."""
+    client = stack.client()
+    stack.start_worker("bench_zeros", "--concurrency", "4", env={"IMGQ_DECODE_THREADS": "2"})
+    run_job(client, tiny[:512], "bench_zeros", 512)
+    capacity = run_job(client, tiny, "bench_zeros", 512)
+    return capacity.__dict__ | {"rate": capacity.rate}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer images (a smoke test)")
     parser.add_argument("--images", type=int, default=None, help="photos per ResNet-50 run")
     parser.add_argument("--capacity-images", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument(
+        "--only",
+        choices=["capacity"],
+        default=None,
+        help="run one measurement alone (while tuning it); the full run prints every figure",
+    )
     parser.add_argument("--direct", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.direct:
@@ -269,9 +284,16 @@ def main(argv: Sequence[str] | None = None) -> int:
           file=sys.stderr)
 
     results: dict[str, Any] = {"photos": n_photos, "tiny_images": n_tiny, "batch": batch}
+    stack = Stack(workdir, models_file)
+    if args.only == "capacity":
+        try:
+            results["capacity"] = measure_capacity(stack, tiny)
+        finally:
+            stack.close()
+        print(f"queue capacity: {results['capacity']['rate']:.0f} img/s {results['capacity']}")
+        return 0
     direct = run_direct(workdir / "resnet50", batch, max(4, n_photos // batch), workdir)
     results["direct"] = direct
-    stack = Stack(workdir, models_file)
     try:
         client = stack.client()
         # 1 and 4: the default worker (threads, concurrency 4), 32-image chunks.
@@ -297,10 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["single"] = single.__dict__ | {"rate": single.rate}
 
         # 3: routing capacity with a model that does no work.
-        stack.start_worker("bench_zeros", "--concurrency", "4", env={"IMGQ_DECODE_THREADS": "2"})
-        run_job(client, tiny[:512], "bench_zeros", 512)
-        capacity = run_job(client, tiny, "bench_zeros", 512)
-        results["capacity"] = capacity.__dict__ | {"rate": capacity.rate}
+        results["capacity"] = measure_capacity(stack, tiny)
     finally:
         stack.close()
 

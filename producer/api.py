@@ -12,11 +12,13 @@ Tasks are sent by name; nothing here imports TensorFlow.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import redis
 from celery import Celery
@@ -31,6 +33,23 @@ from shared.settings import Settings, get_settings
 
 _MGET_BATCH = 500
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while building many objects at once.
+
+    Results are acyclic (reference counting frees them); without the pause,
+    collections triggered by the allocations traverse every record kept so far,
+    which made fetching 40,000 records six times slower.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class JobTimeout(TimeoutError):
@@ -232,6 +251,13 @@ class Job:
     def _outcomes(self, task_ids: Sequence[str]) -> list[TaskOutcome]:
         backend = self.client.app.backend
         out: list[TaskOutcome] = []
+        with _gc_paused():
+            self._fetch_outcomes(backend, task_ids, out)
+        return out
+
+    def _fetch_outcomes(
+        self, backend: Any, task_ids: Sequence[str], out: list[TaskOutcome]
+    ) -> None:
         for start in range(0, len(task_ids), _MGET_BATCH):
             batch = task_ids[start : start + _MGET_BATCH]
             values = backend.mget([backend.get_key_for_task(t) for t in batch])
@@ -256,7 +282,6 @@ class Job:
                     out.append(TaskOutcome(state=state, error=f"{type(exc).__name__}: {exc}"))
                 else:
                     out.append(TaskOutcome(state=state))
-        return out
 
     def iter_results(self) -> Iterator[ResultRecord]:
         """Result records, chunk by chunk and model by model, for every finished task.
@@ -287,4 +312,5 @@ class Job:
 
     def results(self) -> list[ResultRecord]:
         """All result records available now (see :meth:`iter_results`)."""
-        return list(self.iter_results())
+        with _gc_paused():
+            return list(self.iter_results())

@@ -33,15 +33,6 @@ def is_url(source: str) -> bool:
     return "://" in source
 
 
-def _ref(src: str, base: Path) -> ImageRef:
-    if is_url(src):
-        return ImageRef(src=src, ref=src)
-    path = Path(src).expanduser()
-    if not path.is_absolute():
-        path = base / path
-    return ImageRef(src=src, ref=os.path.abspath(path))
-
-
 def _walk(src: str, directory: Path) -> Iterator[ImageRef]:
     """Image files under a directory, recursively, sorted by path (string operations:
     this runs once per file of folders with millions of them)."""
@@ -106,38 +97,42 @@ def _manifest_entries(path: Path) -> Iterator[str]:
                 yield line
 
 
-def _expand_one(source: str, base: Path, *, in_manifest: bool) -> Iterator[ImageRef]:
+def _expand_one(source: str, base: str, *, in_manifest: bool) -> Iterator[ImageRef]:
+    # String operations, not pathlib: a manifest can name millions of files.
     if is_url(source):
         yield ImageRef(src=source, ref=source)
         return
     if source.startswith("@") and not in_manifest:
-        manifest = Path(source[1:]).expanduser()
-        yield from _expand_manifest(manifest if manifest.is_absolute() else base / manifest)
+        yield from _expand_manifest(Path(base, os.path.expanduser(source[1:])))
         return
-    path = Path(source).expanduser()
-    full = path if path.is_absolute() else base / path
-    if any(c in source for c in _GLOB_CHARS) and not full.exists():
-        matches = sorted(glob.glob(str(full), recursive=True))
+    expanded = os.path.expanduser(source)
+    full = os.path.abspath(os.path.join(base, expanded))  # an absolute source stays itself
+    if any(c in source for c in _GLOB_CHARS) and not os.path.exists(full):
+        matches = sorted(glob.glob(full, recursive=True))
         if not matches:
             raise SourceError(f"no file matches {source!r}")
         for match in matches:
-            rel = os.path.relpath(match, base) if not path.is_absolute() else match
+            rel = match if os.path.isabs(expanded) else os.path.relpath(match, base)
             if os.path.isdir(match):
                 yield from _walk(rel, Path(match))
-            elif Path(match).suffix.lower() in IMAGE_EXTENSIONS:
+            elif os.path.splitext(match)[1].lower() in IMAGE_EXTENSIONS:
                 yield ImageRef(src=rel, ref=os.path.abspath(match))
         return
-    if full.is_dir() and not in_manifest:
-        yield from _walk(source, full)
-        return
-    if not in_manifest and full.suffix.lower() in {".csv", ".jsonl"} and full.is_file():
-        yield from _expand_manifest(full)
-        return
-    yield _ref(source, base)
+    suffix = os.path.splitext(full)[1].lower()
+    # A name with an image extension is an image: no stat per file of a long list
+    # (a folder named like an image still gets its is_directory record).
+    if not in_manifest and suffix not in IMAGE_EXTENSIONS:
+        if os.path.isdir(full):
+            yield from _walk(source, Path(full))
+            return
+        if suffix in {".csv", ".jsonl"} and os.path.isfile(full):
+            yield from _expand_manifest(Path(full))
+            return
+    yield ImageRef(src=source, ref=full)
 
 
 def _expand_manifest(manifest: Path) -> Iterator[ImageRef]:
-    base = manifest.parent
+    base = str(manifest.parent)
     for entry in _manifest_entries(manifest):
         yield from _expand_one(entry, base, in_manifest=True)
 
@@ -156,7 +151,7 @@ def expand_sources(sources: Iterable[str], *, cwd: Path | None = None) -> list[I
     Entries in a manifest that name a folder are passed on as they are (the worker
     answers ``is_directory``), so a manifest's length is its number of images.
     """
-    base = (cwd or Path.cwd()).resolve()
+    base = str((cwd or Path.cwd()).resolve())
     out: list[ImageRef] = []
     for source in sources:
         out.extend(_expand_one(source, base, in_manifest=False))

@@ -176,19 +176,23 @@ def _file_url_path(url: str) -> str:
 
 def _read_file(path: str, limits: ReadLimits) -> bytes:
     """Read a local file after the allowed-roots, type and size checks."""
+    if limits.allowed_roots:
+        try:
+            real = os.path.realpath(path)
+        except (ValueError, OSError) as exc:
+            raise ImageError(ErrorCode.NOT_FOUND, f"invalid path {path!r}: {exc}") from exc
+        _check_roots(path, real, limits.allowed_roots)
+        fd = _open_file(path, real)
+    else:  # no roots to enforce: symlinks may go anywhere, skip resolving them
+        fd = _open_file(path, path, follow=True)
     try:
-        real = os.path.realpath(path)
-    except (ValueError, OSError) as exc:
-        raise ImageError(ErrorCode.NOT_FOUND, f"invalid path {path!r}: {exc}") from exc
-    _check_roots(path, real, limits.allowed_roots)
-    fd = _open_file(path, real)
-    try:
-        _check_roots(path, _opened_path(fd) or real, limits.allowed_roots)
+        if limits.allowed_roots:
+            _check_roots(path, _opened_path(fd) or real, limits.allowed_roots)
         info = os.fstat(fd)
         _check_file_kind(path, info)
         if info.st_size > limits.max_bytes:
             raise _too_large(f"the file is {_size(info.st_size)}", limits.max_bytes)
-        data = _read_bounded(fd, limits.max_bytes)
+        data = _read_bounded(fd, limits.max_bytes, info.st_size)
     except OSError as exc:
         raise _os_error(path, exc) from exc
     finally:
@@ -222,13 +226,17 @@ def _is_within(real: str, root: Path) -> bool:
     return Path(real).is_relative_to(resolved_root)
 
 
-def _open_file(path: str, real: str) -> int:
+def _open_file(path: str, real: str, *, follow: bool = False) -> int:
     """Open the resolved path read-only, without blocking on FIFOs or following a new symlink."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    if not follow:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
     try:
         return os.open(real, flags)
     except OSError as exc:
         raise _os_error(path, exc) from exc
+    except ValueError as exc:  # a NUL byte in the path
+        raise ImageError(ErrorCode.NOT_FOUND, f"invalid path {path!r}: {exc}") from exc
 
 
 def _opened_path(fd: int) -> str | None:
@@ -250,12 +258,18 @@ def _check_file_kind(path: str, info: os.stat_result) -> None:
         )
 
 
-def _read_bounded(fd: int, max_bytes: int) -> bytes:
-    """Read until end of file or one byte past max_bytes, whichever comes first."""
+def _read_bounded(fd: int, max_bytes: int, expected: int = _READ_CHUNK) -> bytes:
+    """Read until end of file or one byte past max_bytes, whichever comes first.
+
+    The first read asks for the size stat reported (plus one byte, to see the end):
+    os.read allocates what it is asked for, and most images are far below 1 MiB.
+    """
     chunks: list[bytes] = []
     total = 0
+    want = max(1, min(expected + 1, _READ_CHUNK))
     while total <= max_bytes:
-        chunk = os.read(fd, min(_READ_CHUNK, max_bytes + 1 - total))
+        chunk = os.read(fd, min(want, max_bytes + 1 - total))
+        want = _READ_CHUNK
         if not chunk:
             break
         chunks.append(chunk)
@@ -622,8 +636,12 @@ def _decode_jpeg_fast(
         )
     except ValueError:
         return None
-    upright = _transposed(_resized(Image.fromarray(array), stored), orientation)
-    return np.asarray(upright, dtype=np.float32) / np.float32(255.0)
+    if (array.shape[1], array.shape[0]) != stored or orientation != 1:
+        upright = _transposed(_resized(Image.fromarray(array), stored), orientation)
+        array = np.asarray(upright)
+    out = array.astype(np.float32)
+    out *= np.float32(1.0 / 255.0)
+    return out
 
 
 def _jpeg_orientation(data: bytes) -> int | None:

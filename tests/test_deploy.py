@@ -28,7 +28,7 @@ ENV_EXAMPLE = ROOT / ".env.example"
 DOCKERFILE = ROOT / "Dockerfile"
 K8S_DIR = ROOT / "deploy" / "k8s"
 
-IMGQ_SERVICES = ("flower", "worker-resnet", "worker-bit", "producer")
+IMGQ_SERVICES = ("flower", "metrics", "worker-resnet", "worker-bit", "producer")
 WORKERS = ("worker-resnet", "worker-bit")
 REQUIRED_VARIABLES = ("REDIS_PASSWORD", "FLOWER_USER", "FLOWER_PASSWORD")
 

@@ -7,6 +7,7 @@ consumes exactly the queues of the models it loaded.
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 from typing import Any
@@ -68,6 +69,11 @@ def load_models(sender: Any = None, instance: Any = None, **_: Any) -> None:
     except ModelLoadError as exc:
         _fail(str(exc))
     set_runtime(runtime)
+    # TensorFlow and the models leave millions of long-lived Python objects;
+    # moving them out of the collector's sight keeps full collections, which the
+    # per-image records trigger, from traversing them again and again.
+    gc.collect()
+    gc.freeze()
     log.info(
         "imgq worker serving %s on queues %s",
         ", ".join(runtime.classifiers),

@@ -184,7 +184,9 @@ def run_job(client: Any, sources: Sequence[str], model: str, chunk: int) -> Timi
     t3 = time.perf_counter()
     errors = [r for r in records if r.error]
     if len(records) != len(sources) or errors:
-        raise RuntimeError(f"{len(records)} records for {len(sources)} images; errors: {errors[:3]}")
+        raise RuntimeError(
+            f"{len(records)} records for {len(sources)} images; errors: {errors[:3]}"
+        )
     return Timing(len(sources), t3 - t0, t1 - t0, t2 - t1, t3 - t2)
 
 
@@ -280,8 +282,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f'[models.bench_zeros]\nhandle = "{workdir / "zeros"}"\ninput_size = 32\n'
         'labels = "imagenet1k"\nbatch_size = 512\nmax_batch_delay_ms = 0\n'
     )
-    print(f"models and {n_photos} + {n_tiny} images ready in {time.perf_counter() - t:.0f} s",
-          file=sys.stderr)
+    print(
+        f"models and {n_photos} + {n_tiny} images ready in {time.perf_counter() - t:.0f} s",
+        file=sys.stderr,
+    )
 
     results: dict[str, Any] = {"photos": n_photos, "tiny_images": n_tiny, "batch": batch}
     stack = Stack(workdir, models_file)
@@ -323,9 +327,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         stack.close()
 
+    # The direct baseline again, after the imgq runs: the machine's speed drifts,
+    # and the faster of the two baselines gives the lower (safer) efficiency.
+    direct_after = run_direct(workdir / "resnet50", batch, max(4, n_photos // batch), workdir)
+    results["direct_after"] = direct_after
+    direct["images_per_s"] = max(direct["images_per_s"], direct_after["images_per_s"])
     ratios = {
         "efficiency": results["chunked"]["rate"] / direct["images_per_s"],
-        "single_vs_chunked": results["single"]["rate"] / results["chunked_high_concurrency"]["rate"],
+        "single_vs_chunked": results["single"]["rate"]
+        / results["chunked_high_concurrency"]["rate"],
         "capacity": results["capacity"]["rate"],
     }
     results["ratios"] = ratios
@@ -343,29 +353,46 @@ def report(r: dict[str, Any]) -> None:
     def mark(key: str) -> str:
         return "meets" if ratios[key] >= TARGETS[key] else "MISSES"
 
-    print(f"\nimgq benchmarks: ResNet-50 (random weights), batch {r['batch']}, "
-          f"{r['photos']} photos 640x480; capacity: {r['tiny_images']} 32x32 JPEGs")
-    print(f"  direct SavedModel call, decoded batches   {d['images_per_s']:8.1f} img/s")
+    print(
+        f"\nimgq benchmarks: ResNet-50 (random weights), batch {r['batch']}, "
+        f"{r['photos']} photos 640x480; capacity: {r['tiny_images']} 32x32 JPEGs"
+    )
+    print(
+        f"  direct SavedModel call, decoded batches   {d['images_per_s']:8.1f} img/s "
+        f"(the faster of two runs, before and after imgq's)"
+    )
     c = r["chunked"]
-    print(f"  imgq end to end, 32-image chunks          {c['rate']:8.1f} img/s "
-          f"(submit {c['submit_s']:.2f} s, wait {c['wait_s']:.2f} s, results {c['results_s']:.2f} s)")
-    print(f"1 pipeline efficiency                       {ratios['efficiency']:8.3f} "
-          f"(target >= {TARGETS['efficiency']}: {mark('efficiency')})")
+    print(
+        f"  imgq end to end, 32-image chunks          {c['rate']:8.1f} img/s "
+        f"(submit {c['submit_s']:.2f} s, wait {c['wait_s']:.2f} s, results {c['results_s']:.2f} s)"
+    )
+    print(
+        f"1 pipeline efficiency                       {ratios['efficiency']:8.3f} "
+        f"(target >= {TARGETS['efficiency']}: {mark('efficiency')})"
+    )
     h, s = r["chunked_high_concurrency"], r["single"]
     print(f"  32-image chunks, concurrency 64           {h['rate']:8.1f} img/s")
     print(f"  1-image tasks, dynamic batching           {s['rate']:8.1f} img/s")
-    print(f"2 single-image / chunked                    {ratios['single_vs_chunked']:8.3f} "
-          f"(target >= {TARGETS['single_vs_chunked']}: {mark('single_vs_chunked')})")
+    print(
+        f"2 single-image / chunked                    {ratios['single_vs_chunked']:8.3f} "
+        f"(target >= {TARGETS['single_vs_chunked']}: {mark('single_vs_chunked')})"
+    )
     k = r["capacity"]
-    print(f"3 queue capacity, no-op model               {k['rate']:8.0f} img/s "
-          f"(target >= {TARGETS['capacity']:.0f}: {mark('capacity')}; submit {k['submit_s']:.2f} s, "
-          f"wait {k['wait_s']:.2f} s, results {k['results_s']:.2f} s)")
-    print(f"4 latency, 1-image job on a warm worker     {r['latency_ms']:8.1f} ms "
-          f"(model's own 1-image call {d['single_ms']:.1f} ms; "
-          f"difference {r['latency_ms'] - d['single_ms']:.1f} ms)")
-    print(f"5 peak RSS: worker                          {r['worker_peak_rss_mb']:8.0f} MiB "
-          f"(bare process with the same SavedModel {d['peak_rss_mb']:.0f} MiB; "
-          f"ratio {r['worker_peak_rss_mb'] / d['peak_rss_mb']:.2f})")
+    print(
+        f"3 queue capacity, no-op model               {k['rate']:8.0f} img/s "
+        f"(target >= {TARGETS['capacity']:.0f}: {mark('capacity')}; submit {k['submit_s']:.2f} s, "
+        f"wait {k['wait_s']:.2f} s, results {k['results_s']:.2f} s)"
+    )
+    print(
+        f"4 latency, 1-image job on a warm worker     {r['latency_ms']:8.1f} ms "
+        f"(model's own 1-image call {d['single_ms']:.1f} ms; "
+        f"difference {r['latency_ms'] - d['single_ms']:.1f} ms)"
+    )
+    print(
+        f"5 peak RSS: worker                          {r['worker_peak_rss_mb']:8.0f} MiB "
+        f"(bare process with the same SavedModel {d['peak_rss_mb']:.0f} MiB; "
+        f"ratio {r['worker_peak_rss_mb'] / d['peak_rss_mb']:.2f})"
+    )
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from shared.schemas import ErrorCode, ImageRef, ResultRecord, error_record
 from shared.settings import Settings, get_settings
 
 _MGET_BATCH = 500
+MIN_REFRESH_S = 0.05
 log = logging.getLogger(__name__)
 
 
@@ -202,7 +203,8 @@ class Job:
         from tqdm import tqdm
 
         deadline = None if timeout is None else time.monotonic() + timeout
-        delay = min(0.005, poll_interval)
+        # Subscribe before the first read, so no notification falls in between.
+        listener = self.client.store.listen(self.job_id)
         status = self.status()
         bar = tqdm(
             total=status.images_total,
@@ -211,6 +213,7 @@ class Job:
             disable=not progress,
             dynamic_ncols=True,
         )
+        last_read = time.monotonic()
         try:
             while True:
                 bar.n = status.images_finished
@@ -224,14 +227,19 @@ class Job:
                         f"job {self.job_id} not finished after {timeout:g} s "
                         f"({status.images_finished}/{status.images_total} image results)"
                     )
-                # Poll fast at first (a small job is done in milliseconds), then
-                # back off to poll_interval so a long job costs Redis nothing.
-                time.sleep(delay)
-                delay = min(poll_interval, delay * 1.5)
+                # Woken as soon as a task finishes, at most MIN_REFRESH_S apart (a
+                # big job finishes thousands of tasks a second); polled anyway
+                # every poll_interval.
+                since = time.monotonic() - last_read
+                if since < MIN_REFRESH_S:
+                    time.sleep(MIN_REFRESH_S - since)
+                listener.wait(poll_interval)
                 if check is not None:
                     check()
+                last_read = time.monotonic()
                 status = self._status_patiently(status, deadline)
         finally:
+            listener.close()
             bar.close()
 
     def _status_patiently(self, last: JobStatus, deadline: float | None) -> JobStatus:

@@ -12,6 +12,7 @@ job resubmitted with the same id, writes the same fields again: counts never dou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -213,13 +214,20 @@ class JobStore:
             start += batch
 
     def mark_finished(self, tid: str, *, ok: int, failed: int) -> None:
-        """Record that a task finished with ``ok`` results and ``failed`` errors (idempotent)."""
+        """Record that a task finished with ``ok`` results and ``failed`` errors (idempotent),
+        and tell whoever waits for the job."""
         job_id = parse_task_id(tid)[0]
         key = self._key(job_id, ":done")
         pipe = self.client.pipeline(transaction=False)
         pipe.hset(key, tid, f"{ok} {failed}")
         pipe.expire(key, self.ttl)
+        pipe.delete(*attempt_keys(tid))  # its delivery bookkeeping is no longer needed
+        pipe.publish(self._key(job_id, ":progress"), tid)
         pipe.execute()
+
+    def listen(self, job_id: str) -> ProgressListener:
+        """A subscription to a job's progress notifications (subscribe before reading status)."""
+        return ProgressListener(self.client, self._key(job_id, ":progress"))
 
     def finished_tasks(self, job_id: str) -> dict[str, tuple[int, int]]:
         """Task id -> (ok, failed) for every finished task of a job."""
@@ -248,6 +256,62 @@ class JobStore:
             counts.failed += failed
             counts.tasks_finished += 1
         return status
+
+
+class ProgressListener:
+    """Wakes a waiting producer as soon as a task of its job finishes.
+
+    Notifications only shorten waits: a lost one (Redis restarting) costs at most
+    one poll interval, since the caller reads the status after every wait.
+    """
+
+    def __init__(self, client: redis.Redis, channel: str) -> None:
+        self.client = client
+        self.channel = channel
+        self._pubsub: Any = None
+        self._subscribe()
+
+    def _subscribe(self) -> None:
+        try:
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            pubsub.subscribe(self.channel)
+            self._pubsub = pubsub
+        except redis.exceptions.RedisError:
+            self._pubsub = None
+
+    def wait(self, timeout: float) -> bool:
+        """Block until a notification or ``timeout`` seconds; True when notified."""
+        if self._pubsub is None:
+            self._subscribe()
+            if self._pubsub is None:
+                time.sleep(timeout)
+                return False
+        deadline = time.monotonic() + timeout
+        try:
+            # None also comes back for the subscription's own confirmation.
+            while (left := deadline - time.monotonic()) > 0:
+                if self._pubsub.get_message(timeout=left) is not None:
+                    while self._pubsub.get_message(timeout=0) is not None:
+                        pass  # several tasks finished: one status read covers them all
+                    return True
+            return False
+        except (redis.exceptions.RedisError, OSError):
+            self.close()
+            time.sleep(min(timeout, 0.5))
+            return False
+
+    def close(self) -> None:
+        """Unsubscribe and release the connection."""
+        if self._pubsub is not None:
+            with contextlib.suppress(redis.exceptions.RedisError, OSError):
+                self._pubsub.close()
+            self._pubsub = None
+
+
+def attempt_keys(tid: str) -> tuple[str, str, str]:
+    """The keys of a task's delivery bookkeeping: attempts, in-flight image, partial records."""
+    prefix = f"imgq:task:{tid}:"
+    return prefix + "attempts", prefix + "inflight", prefix + "partial"
 
 
 class AttemptStore:
@@ -297,10 +361,6 @@ class AttemptStore:
         pipe.delete(self._key(tid, "inflight"))
         pipe.expire(key, self.ttl)
         pipe.execute()
-
-    def clear(self, tid: str) -> None:
-        """Forget a task's delivery state (it finished)."""
-        self.client.delete(*(self._key(tid, s) for s in ("attempts", "inflight", "partial")))
 
 
 def _decode_chunk(raw: bytes | str) -> list[ImageRef]:

@@ -67,8 +67,11 @@ def test_worker_killed_mid_job_its_tasks_go_to_another(
     kills = 0
     for _ in range(3):
         # Kill A while it has work in hand, then bring it back (a supervisor would).
-        wait_for(lambda: succeeded(a) >= 3 or job.status().finished, 120,
-                 f"worker A to get going: {job.status().models}")
+        wait_for(
+            lambda a=a: succeeded(a) >= 3 or job.status().finished,  # type: ignore[misc]
+            120,
+            f"worker A to get going: {job.status().models}",
+        )
         if job.status().finished:
             break
         a.proc.send_signal(signal.SIGKILL)
@@ -81,7 +84,10 @@ def test_worker_killed_mid_job_its_tasks_go_to_another(
     status = job.wait(progress=False, timeout=240)
     assert kills >= 2
     assert status.models["tfault"].as_dict() == {
-        "total": 240, "done": 240, "failed": 0, "pending": 0
+        "total": 240,
+        "done": 240,
+        "failed": 0,
+        "pending": 0,
     }
     records = job.results()
     assert_exactly_once(records, images, ["tfault"])
@@ -128,11 +134,16 @@ def test_duplicate_delivery_counts_once(
     for index in range(job.record.n_chunks):
         job.send_chunk("t1001", index, client.store.chunk(job.job_id, index))
     time.sleep(0.5)
-    wait_for(lambda: shared_worker.output().count(job.job_id) >= 4 * job.record.n_chunks, 60,
-             "the duplicates to run")
-    assert job.status().models["t1001"].as_dict() == before == {
-        "total": 3, "done": 3, "failed": 0, "pending": 0
-    }
+    wait_for(
+        lambda: shared_worker.output().count(job.job_id) >= 4 * job.record.n_chunks,
+        60,
+        "the duplicates to run",
+    )
+    assert (
+        job.status().models["t1001"].as_dict()
+        == before
+        == {"total": 3, "done": 3, "failed": 0, "pending": 0}
+    )
     assert_exactly_once(job.results(), sources, ["t1001"])
 
 
@@ -206,8 +217,11 @@ def test_pickled_message_is_rejected_not_run(
             headers={"task": "imgq.classify", "id": "pickled-1", "lang": "py"},
             declare=[],
         )
-    wait_for(lambda: "pickled-1" in shared_worker.output()
-             or "untrusted" in shared_worker.output(), 30, "the worker to see the message")
+    wait_for(
+        lambda: "pickled-1" in shared_worker.output() or "untrusted" in shared_worker.output(),
+        30,
+        "the worker to see the message",
+    )
     time.sleep(0.5)
     assert not marker.exists()
     assert shared_worker.proc.poll() is None
@@ -223,8 +237,9 @@ def test_pickled_message_is_rejected_not_run(
 def test_url_to_loopback_is_refused_by_default(
     shared_worker: WorkerProcess, client: Client
 ) -> None:
-    job = client.submit(["http://127.0.0.1:9/cat.jpg", "http://169.254.169.254/latest/x.jpg"],
-                        models=["t1001"])
+    job = client.submit(
+        ["http://127.0.0.1:9/cat.jpg", "http://169.254.169.254/latest/x.jpg"], models=["t1001"]
+    )
     job.wait(progress=False, timeout=60)
     codes = {r.image: r.error.code.value for r in job.results() if r.error}
     assert codes == {
@@ -241,8 +256,12 @@ def test_allowed_roots_hold_in_the_worker(
     outside = make_images(tmp_path / "elsewhere", 1)
     (root / "escape.jpg").symlink_to(outside[0])
     worker = start_worker("tfault", name="roots", env={"IMGQ_ALLOWED_ROOTS": str(root)})
-    sources = [inside[0], outside[0], str(root / "escape.jpg"), str(root / ".." / "elsewhere"
-                                                                     / "img0000.jpg")]
+    sources = [
+        inside[0],
+        outside[0],
+        str(root / "escape.jpg"),
+        str(root / ".." / "elsewhere" / "img0000.jpg"),
+    ]
     job = client.submit(sources, models=["tfault"])
     job.wait(progress=False, timeout=60)
     codes = {r.image: (r.error.code.value if r.error else None) for r in job.results()}

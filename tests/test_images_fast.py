@@ -44,7 +44,9 @@ def test_fast_path_is_taken_for_plain_jpegs(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 @pytest.mark.parametrize("size", [(224, 224), (32, 32), (300, 500)])
-def test_fast_and_pillow_paths_agree(size: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fast_and_pillow_paths_agree(
+    size: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = encode(photo(), "JPEG", quality=90)
     fast = decode_image(data, size, max_pixels=MAX_PIXELS)
     slow = pillow_only(data, size, monkeypatch)

@@ -81,3 +81,25 @@ def test_unknown_or_expired_job(store: JobStore) -> None:
     time.sleep(0.05)
     with pytest.raises(JobError, match="IMGQ_RESULT_EXPIRES"):
         store.get("jobs-expire")
+
+
+def test_waiters_are_woken_when_a_task_finishes(store: JobStore) -> None:
+    import threading
+    import time
+
+    store.create("jobs-listen", ["m"], [refs(1), refs(1)], chunk_size=1)
+    listener = store.listen("jobs-listen")
+    try:
+        start = time.monotonic()
+        assert listener.wait(0.2) is False  # nothing happened: the full timeout
+        assert time.monotonic() - start >= 0.15
+        timer = threading.Timer(
+            0.1, lambda: store.mark_finished(task_id("jobs-listen", "m", 0), ok=1, failed=0)
+        )
+        timer.start()
+        start = time.monotonic()
+        assert listener.wait(5.0) is True
+        assert time.monotonic() - start < 2.0  # woken, not timed out
+        timer.join()
+    finally:
+        listener.close()

@@ -38,12 +38,16 @@ def test_queue_lengths_on_metrics(
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "producer.cli", "metrics", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     client = Client(Settings(broker_url=imgq_env["IMGQ_BROKER_URL"], models_file=models))
     try:
-        job = client.submit(sorted(str(p) for p in photos.glob("*.jpg")), models=["tmetric"],
-                            chunk_size=1)
+        job = client.submit(
+            sorted(str(p) for p in photos.glob("*.jpg")), models=["tmetric"], chunk_size=1
+        )
         url = f"http://127.0.0.1:{port}/metrics"
         deadline = time.monotonic() + 30
         while True:

@@ -72,7 +72,6 @@ class ClassifyTask(Task):
             lambda: job_store().mark_finished(task_id, ok=len(retval) - failed, failed=failed),
             f"recording task {task_id}",
         )
-        patiently(lambda: attempt_store().clear(task_id), f"clearing task {task_id}")
 
     def on_failure(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any

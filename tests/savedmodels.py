@@ -16,6 +16,7 @@ def build_classifier(
     seed: int = 0,
     fail_on_bright: bool = False,
     abort_on_bright: bool = False,
+    resize: str = "area",
 ) -> Path:
     """Save a deterministic linear classifier over a 4x4 colour grid of the image.
 
@@ -52,7 +53,7 @@ def build_classifier(
                         return tf.identity(images)
 
                 images = tf.cond(tf.reduce_any(means >= 0.999), die, lambda: images)
-            grid = tf.image.resize(images, [4, 4], method="area")
+            grid = tf.image.resize(images, [4, 4], method=resize)
             feats = tf.reshape(grid, [-1, 48]) - 0.5
             logits = tf.matmul(feats, self.w) + self.b
             if output == "probs":

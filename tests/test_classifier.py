@@ -127,3 +127,47 @@ def test_model_error_is_raised_not_hidden(tmp_path: Path) -> None:
     images[1] = 1.0
     with pytest.raises(Exception, match="poison"):
         clf.predict(images)
+
+
+def test_xla_compiled_call_gives_the_same_top5(tmp_path: Path) -> None:
+    path = build_classifier(tmp_path / "xla", 1000, resize="bilinear")
+    spec = ModelSpec(
+        name="xla",
+        handle=str(path),
+        input_size=(32, 32),
+        activation=Activation.SOFTMAX,
+        labels="imagenet1k",
+    )
+    plain = Classifier(spec, max_batch_size=4).load()
+    xla = Classifier(spec, max_batch_size=4, jit_compile=True).load()
+    assert xla.jit_compile
+    images = random_images(3, seed=11)
+    a, b = plain.predict(images), xla.predict(images)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-4)
+
+
+def test_xla_falls_back_when_the_model_cannot_compile(models_dir: Path) -> None:
+    spec = spec_for(models_dir, "t21k")  # area resizing has no XLA kernel
+    clf = Classifier(spec, max_batch_size=4, jit_compile=True).load()
+    assert not clf.jit_compile
+    plain = Classifier(spec, max_batch_size=4).load()
+    images = random_images(2, seed=2)
+    np.testing.assert_array_equal(clf.predict(images).indices, plain.predict(images).indices)
+
+
+def test_mixed_precision_switch_keeps_results_on_cpu(models_dir: Path) -> None:
+    import tensorflow as tf
+
+    from workers.classifier import configure_devices
+
+    spec = spec_for(models_dir, "t1001")
+    before = Classifier(spec, max_batch_size=2).load().predict(random_images(2, seed=5))
+    try:
+        configure_devices(memory_growth=True, mixed_precision=True)
+        assert tf.config.optimizer.get_experimental_options().get("auto_mixed_precision")
+        after = Classifier(spec, max_batch_size=2).load().predict(random_images(2, seed=5))
+    finally:
+        tf.config.optimizer.set_experimental_options({"auto_mixed_precision": False})
+    np.testing.assert_array_equal(before.indices, after.indices)
+    np.testing.assert_allclose(before.scores, after.scores, rtol=1e-3)

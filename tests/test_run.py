@@ -57,6 +57,8 @@ def test_run_end_to_end(imgq_env: dict[str, str], photos: Path, tmp_path: Path) 
             "t21k",
             "--out",
             str(out),
+            "--report",
+            str(tmp_path / "report.html"),
             "--no-progress",
         ],
         run_env(imgq_env),
@@ -64,6 +66,8 @@ def test_run_end_to_end(imgq_env: dict[str, str], photos: Path, tmp_path: Path) 
     )
     assert proc.returncode == 0, proc.stderr
     assert "embedded Redis" in proc.stderr
+    report = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "chelsea.jpg" in report and "t21k" in report and "not_found" in report
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 8
     assert Counter((r["image"], r["model"]) for r in records).most_common(1)[0][1] == 1

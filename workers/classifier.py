@@ -189,6 +189,19 @@ class Classifier:
     def _check_output(self) -> None:
         """Run the largest bucket once (tracing it) and compare the output width with the labels."""
         zeros = np.zeros((self.max_batch_size, self._height, self._width, 3), np.float32)
+        if self.jit_compile:
+            try:
+                self._compiled_for(self.max_batch_size)(zeros)
+            except Exception as exc:
+                # XLA compiles only some graphs (not every op has an XLA kernel):
+                # an opt-in speed-up, so the model runs without it rather than not at all.
+                log.warning(
+                    "model %s: XLA cannot compile this SavedModel (%s); running it without XLA",
+                    self.spec.name,
+                    str(exc).splitlines()[0][:300],
+                )
+                self.jit_compile = False
+                self._compiled.clear()
         try:
             _, _, width = self._compiled_for(self.max_batch_size)(zeros)
         except Exception as exc:

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -245,28 +245,48 @@ def measure_capacity(stack: Stack, tiny: list[str]) -> dict[str, Any]:
     return capacity.__dict__ | {"rate": capacity.rate}
 
 
+def interleaved(
+    first: Callable[[int], float], second: Callable[[int], float], rounds: int
+) -> list[float]:
+    """Ratios second/first of rates measured in alternating order, round by round, so
+    that the machine's drift (a shared VM's speed moves by 10% over minutes) hits
+    both sides alike."""
+    ratios = []
+    for r in range(rounds):
+        if r % 2 == 0:
+            a = first(r)
+            b = second(r)
+        else:
+            b = second(r)
+            a = first(r)
+        ratios.append(b / a)
+    return ratios
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer images (a smoke test)")
-    parser.add_argument("--images", type=int, default=None, help="photos per ResNet-50 run")
+    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds per ratio")
     parser.add_argument("--capacity-images", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument(
         "--only",
-        choices=["capacity"],
+        choices=["capacity", "efficiency"],
         default=None,
         help="run one measurement alone (while tuning it); the full run prints every figure",
     )
     parser.add_argument("--direct", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.direct:
-        model, batch, batches, out = args.direct
-        direct_main(model, int(batch), int(batches), out)
+        model, batch_s, batches, out = args.direct
+        direct_main(model, int(batch_s), int(batches), out)
         return 0
 
-    n_photos = args.images or (64 if args.quick else 384)
-    n_tiny = args.capacity_images or (4096 if args.quick else 40960)
     batch = 32
+    rounds = args.rounds or (2 if args.quick else 4)
+    per_round = 2 * batch if args.quick else 4 * batch  # images per round and side
+    n_photos = rounds * per_round
+    n_tiny = args.capacity_images or (4096 if args.quick else 40960)
     workdir = Path(tempfile.mkdtemp(prefix="imgq-bench-"))
     print(f"working in {workdir}", file=sys.stderr)
 
@@ -287,114 +307,143 @@ def main(argv: Sequence[str] | None = None) -> int:
         file=sys.stderr,
     )
 
-    results: dict[str, Any] = {"photos": n_photos, "tiny_images": n_tiny, "batch": batch}
+    results: dict[str, Any] = {
+        "photos": n_photos,
+        "rounds": rounds,
+        "tiny_images": n_tiny,
+        "batch": batch,
+    }
     stack = Stack(workdir, models_file)
-    if args.only == "capacity":
-        try:
-            results["capacity"] = measure_capacity(stack, tiny)
-        finally:
-            stack.close()
-        print(f"queue capacity: {results['capacity']['rate']:.0f} img/s {results['capacity']}")
-        return 0
-    direct = run_direct(workdir / "resnet50", batch, max(4, n_photos // batch), workdir)
-    results["direct"] = direct  # becomes the better of the runs before and after
+    client = stack.client()
+    direct_runs: list[dict[str, float]] = []
+    runs: dict[str, list[dict[str, Any]]] = {"chunked": [], "chunked_hc": [], "single": []}
+
+    def subset(r: int) -> list[str]:
+        return photos[r * per_round : (r + 1) * per_round]
+
+    def direct_rate(r: int) -> float:
+        d = run_direct(workdir / "resnet50", batch, per_round // batch, workdir)
+        direct_runs.append(d)
+        return d["images_per_s"]
+
+    def imgq_rate(key: str, chunk: int) -> Callable[[int], float]:
+        def measure(r: int) -> float:
+            timing = run_job(client, subset(r), "bench_resnet50", chunk)
+            runs[key].append(timing.__dict__ | {"rate": timing.rate})
+            return timing.rate
+
+        return measure
+
     try:
-        client = stack.client()
-        # 1 and 4: the default worker (threads, concurrency 4), 32-image chunks.
-        worker = stack.start_worker("bench_resnet50")
-        run_job(client, photos[:batch], "bench_resnet50", batch)  # warm every path once
-        chunked = run_job(client, photos, "bench_resnet50", batch)
-        latencies = []
-        for i in range(10):
-            t0 = time.perf_counter()
-            run_job(client, [photos[i]], "bench_resnet50", 1)
-            latencies.append(time.perf_counter() - t0)
-        results["chunked"] = chunked.__dict__ | {"rate": chunked.rate}
-        results["latency_ms"] = statistics.median(latencies) * 1000
-        results["worker_peak_rss_mb"] = peak_rss_mb(worker.proc.pid)
-
-        # 2: single-image tasks, dynamic batching across them, against 32-image
-        # chunks on the same worker (concurrency high enough for batches to fill).
-        stack.start_worker("bench_resnet50", "--concurrency", str(2 * batch))
-        run_job(client, photos[:batch], "bench_resnet50", 1)
-        chunked_hc = run_job(client, photos, "bench_resnet50", batch)
-        single = run_job(client, photos, "bench_resnet50", 1)
-        results["chunked_high_concurrency"] = chunked_hc.__dict__ | {"rate": chunked_hc.rate}
-        results["single"] = single.__dict__ | {"rate": single.rate}
-
-        # 3: routing capacity with a model that does no work.
-        results["capacity"] = measure_capacity(stack, tiny)
+        if args.only != "capacity":
+            # 1 and 4: the default worker (threads, concurrency 4), 32-image chunks,
+            # against the SavedModel alone in a bare process, round by round.
+            worker = stack.start_worker("bench_resnet50")
+            run_job(client, photos[:batch], "bench_resnet50", batch)  # warm every path once
+            eff = interleaved(direct_rate, imgq_rate("chunked", batch), rounds)
+            results["efficiency_rounds"] = eff
+            if args.only != "efficiency":
+                latencies = []
+                for i in range(10):
+                    t0 = time.perf_counter()
+                    run_job(client, [photos[i]], "bench_resnet50", 1)
+                    latencies.append(time.perf_counter() - t0)
+                results["latency_ms"] = statistics.median(latencies) * 1000
+                results["worker_peak_rss_mb"] = peak_rss_mb(worker.proc.pid)
+        if args.only is None:
+            # 2: single-image tasks, batched across tasks, against 32-image chunks on
+            # the same worker (concurrency high enough for batches to fill).
+            stack.start_worker("bench_resnet50", "--concurrency", str(2 * batch))
+            run_job(client, photos[:batch], "bench_resnet50", 1)
+            results["single_rounds"] = interleaved(
+                imgq_rate("chunked_hc", batch), imgq_rate("single", 1), rounds
+            )
+        if args.only in (None, "capacity"):
+            # 3: routing capacity with a model that does no work.
+            results["capacity"] = measure_capacity(stack, tiny)
     finally:
         stack.close()
-
-    # The direct baseline again, after the imgq runs: the machine's speed drifts,
-    # and the faster of the two baselines gives the lower (safer) efficiency.
-    # Likewise the model's own 1-image call: the faster one is the baseline.
-    direct_after = run_direct(workdir / "resnet50", batch, max(4, n_photos // batch), workdir)
-    results["direct_runs"] = [dict(direct), direct_after]
-    direct["images_per_s"] = max(direct["images_per_s"], direct_after["images_per_s"])
-    direct["single_ms"] = min(direct["single_ms"], direct_after["single_ms"])
-    ratios = {
-        "efficiency": results["chunked"]["rate"] / direct["images_per_s"],
-        "single_vs_chunked": results["single"]["rate"]
-        / results["chunked_high_concurrency"]["rate"],
-        "capacity": results["capacity"]["rate"],
-    }
-    results["ratios"] = ratios
+    results["direct_runs"] = direct_runs
+    results["runs"] = runs
     report(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
-    ok = all(ratios[k] >= v for k, v in TARGETS.items())
-    return 0 if ok else 1
+    ratios = results["ratios"]
+    return 0 if all(ratios.get(k, v) >= v for k, v in TARGETS.items()) else 1
+
+
+def rate_of(timings: list[dict[str, Any]]) -> float:
+    """Images per second over several runs (total images / total seconds)."""
+    return sum(t["images"] for t in timings) / sum(t["seconds"] for t in timings)
 
 
 def report(r: dict[str, Any]) -> None:
-    d = r["direct"]
-    ratios = r["ratios"]
+    """Print the figures, and put the ratios in ``r["ratios"]``."""
+    ratios: dict[str, float] = {}
+    r["ratios"] = ratios
 
     def mark(key: str) -> str:
         return "meets" if ratios[key] >= TARGETS[key] else "MISSES"
 
+    def spread(values: list[float]) -> str:
+        return ", ".join(f"{v:.3f}" for v in values)
+
     print(
         f"\nimgq benchmarks: ResNet-50 (random weights), batch {r['batch']}, "
-        f"{r['photos']} photos 640x480; capacity: {r['tiny_images']} 32x32 JPEGs"
+        f"{r['photos']} photos 640x480 in {r['rounds']} alternating rounds; "
+        f"capacity: {r['tiny_images']} 32x32 JPEGs"
     )
-    print(
-        f"  direct SavedModel call, decoded batches   {d['images_per_s']:8.1f} img/s "
-        f"(the faster of two runs, before and after imgq's)"
-    )
-    c = r["chunked"]
-    print(
-        f"  imgq end to end, 32-image chunks          {c['rate']:8.1f} img/s "
-        f"(submit {c['submit_s']:.2f} s, wait {c['wait_s']:.2f} s, results {c['results_s']:.2f} s)"
-    )
-    print(
-        f"1 pipeline efficiency                       {ratios['efficiency']:8.3f} "
-        f"(target >= {TARGETS['efficiency']}: {mark('efficiency')})"
-    )
-    h, s = r["chunked_high_concurrency"], r["single"]
-    print(f"  32-image chunks, concurrency 64           {h['rate']:8.1f} img/s")
-    print(f"  1-image tasks, dynamic batching           {s['rate']:8.1f} img/s")
-    print(
-        f"2 single-image / chunked                    {ratios['single_vs_chunked']:8.3f} "
-        f"(target >= {TARGETS['single_vs_chunked']}: {mark('single_vs_chunked')})"
-    )
-    k = r["capacity"]
-    print(
-        f"3 queue capacity, no-op model               {k['rate']:8.0f} img/s "
-        f"(target >= {TARGETS['capacity']:.0f}: {mark('capacity')}; submit {k['submit_s']:.2f} s, "
-        f"wait {k['wait_s']:.2f} s, results {k['results_s']:.2f} s)"
-    )
-    print(
-        f"4 latency, 1-image job on a warm worker     {r['latency_ms']:8.1f} ms "
-        f"(model's own 1-image call {d['single_ms']:.1f} ms; "
-        f"difference {r['latency_ms'] - d['single_ms']:.1f} ms)"
-    )
-    print(
-        f"5 peak RSS: worker                          {r['worker_peak_rss_mb']:8.0f} MiB "
-        f"(bare process with the same SavedModel {d['peak_rss_mb']:.0f} MiB; "
-        f"ratio {r['worker_peak_rss_mb'] / d['peak_rss_mb']:.2f})"
-    )
+    if "efficiency_rounds" in r:
+        direct = r["direct_runs"]
+        ratios["efficiency"] = statistics.median(r["efficiency_rounds"])
+        print(
+            f"  direct SavedModel call, decoded batches   "
+            f"{sum(d['images_per_s'] for d in direct) / len(direct):8.1f} img/s (mean of rounds)"
+        )
+        print(
+            f"  imgq end to end, 32-image chunks          "
+            f"{rate_of(r['runs']['chunked']):8.1f} img/s"
+        )
+        print(
+            f"1 pipeline efficiency (median of rounds)    {ratios['efficiency']:8.3f} "
+            f"(target >= {TARGETS['efficiency']}: {mark('efficiency')}; rounds "
+            f"{spread(r['efficiency_rounds'])})"
+        )
+    if "single_rounds" in r:
+        ratios["single_vs_chunked"] = statistics.median(r["single_rounds"])
+        print(
+            f"  32-image chunks, concurrency 64           "
+            f"{rate_of(r['runs']['chunked_hc']):8.1f} img/s"
+        )
+        print(
+            f"  1-image tasks, dynamic batching           {rate_of(r['runs']['single']):8.1f} img/s"
+        )
+        print(
+            f"2 single-image / chunked (median)           {ratios['single_vs_chunked']:8.3f} "
+            f"(target >= {TARGETS['single_vs_chunked']}: {mark('single_vs_chunked')}; rounds "
+            f"{spread(r['single_rounds'])})"
+        )
+    if "capacity" in r:
+        k = r["capacity"]
+        ratios["capacity"] = k["rate"]
+        print(
+            f"3 queue capacity, no-op model               {k['rate']:8.0f} img/s "
+            f"(target >= {TARGETS['capacity']:.0f}: {mark('capacity')}; submit "
+            f"{k['submit_s']:.2f} s, wait {k['wait_s']:.2f} s, results {k['results_s']:.2f} s)"
+        )
+    if "latency_ms" in r:
+        single = min(d["single_ms"] for d in r["direct_runs"])
+        bare = max(d["peak_rss_mb"] for d in r["direct_runs"])
+        print(
+            f"4 latency, 1-image job on a warm worker     {r['latency_ms']:8.1f} ms "
+            f"(model's own 1-image call {single:.1f} ms, the fastest seen; "
+            f"difference {r['latency_ms'] - single:.1f} ms)"
+        )
+        print(
+            f"5 peak RSS: worker                          {r['worker_peak_rss_mb']:8.0f} MiB "
+            f"(bare process with the same SavedModel {bare:.0f} MiB; "
+            f"ratio {r['worker_peak_rss_mb'] / bare:.2f})"
+        )
 
 
 if __name__ == "__main__":

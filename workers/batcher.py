@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -65,6 +66,8 @@ class DynamicBatcher:
         self._closed = False
         self.batches = 0
         self.images = 0
+        self.sizes: Counter[int] = Counter()  # batch size -> how many batches had it
+        self.busy_s = 0.0  # time spent in model calls
         self._thread = threading.Thread(
             target=self._run, name=f"imgq-batcher-{classifier.spec.name}", daemon=True
         )
@@ -96,6 +99,17 @@ class DynamicBatcher:
         self._closed = True
         self._queue.put(None)
         self._thread.join(timeout)
+        if self.batches:
+            log.info(
+                "model %s: %d images in %d batches (mean %.1f), %.1f s in model calls; "
+                "batch sizes %s",
+                self.classifier.spec.name,
+                self.images,
+                self.batches,
+                self.images / self.batches,
+                self.busy_s,
+                dict(sorted(self.sizes.items())),
+            )
 
     # -- the batching thread -----------------------------------------------------------
     def _gather(self, first: _Item) -> tuple[list[_Item], bool]:
@@ -131,6 +145,7 @@ class DynamicBatcher:
                 return
 
     def _execute(self, items: list[_Item]) -> None:
+        start = time.perf_counter()
         try:
             preds = self.classifier.predict([it.image for it in items])
         except Exception as exc:
@@ -147,7 +162,9 @@ class DynamicBatcher:
             for item in items:
                 self._execute([item])
             return
+        self.busy_s += time.perf_counter() - start
         self.batches += 1
         self.images += len(items)
+        self.sizes[len(items)] += 1
         for item, idx, sc in zip(items, preds.indices, preds.scores, strict=True):
             item.future.set_result(TopK(tuple(int(i) for i in idx), tuple(float(s) for s in sc)))

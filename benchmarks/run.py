@@ -283,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     batch = 32
-    rounds = args.rounds or (2 if args.quick else 4)
+    rounds = args.rounds or (2 if args.quick else 5)
     per_round = 2 * batch if args.quick else 4 * batch  # images per round and side
     n_photos = rounds * per_round
     n_tiny = args.capacity_images or (4096 if args.quick else 40960)

@@ -19,7 +19,7 @@ from producer.output import write_records
 from producer.sources import SourceError
 from shared import __version__
 from shared.jobs import JobError, JobStatus
-from shared.registry import RegistryError
+from shared.registry import RegistryError, get_model
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -405,7 +405,15 @@ def run(
             )
         else:
             if stack is not None:
-                client.registry()  # unknown model names fail before a worker starts
+                registry = client.registry()
+                for name in models:  # unknown model names fail before a worker starts
+                    spec = get_model(registry, name)
+                    if "://" in spec.handle:
+                        click.echo(
+                            f"model {name}: {spec.handle}, downloaded once into "
+                            f"{settings.tfhub_cache_dir.expanduser()} (TFHUB_CACHE_DIR)",
+                            err=True,
+                        )
                 stack.start_worker(models)
             job = client.submit(
                 list(sources), models=list(models), job_id=job_id, chunk_size=chunk_size

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
@@ -93,6 +93,14 @@ class Settings(BaseSettings):
         description="Fetch URLs on loopback, private and link-local addresses (trusted networks).",
     )
     memory_growth: bool = Field(True, description="Allocate GPU memory as needed, not all at once.")
+    tfhub_cache_dir: Path = Field(
+        Path("~/.cache/imgq/tfhub"),
+        validation_alias=AliasChoices("TFHUB_CACHE_DIR", "IMGQ_TFHUB_CACHE_DIR"),
+        description=(
+            "Where models downloaded from TF Hub or Kaggle are kept (TF Hub's own "
+            "TFHUB_CACHE_DIR): downloaded once, reused by every worker that shares it."
+        ),
+    )
 
     @model_validator(mode="before")
     @classmethod

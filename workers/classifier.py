@@ -60,7 +60,7 @@ def configure_devices(*, memory_growth: bool, mixed_precision: bool = False) -> 
 
 
 def _load_message(spec: ModelSpec, reason: str) -> str:
-    cache = os.environ.get("TFHUB_CACHE_DIR", "(unset: a temporary directory)")
+    cache = os.environ.get("TFHUB_CACHE_DIR", "(unset)")
     return (
         f"model {spec.name!r} could not be loaded from handle {spec.handle!r}: {reason}\n"
         f"  What to do: with network access, TF Hub downloads the model once into "

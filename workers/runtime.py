@@ -30,14 +30,21 @@ log = logging.getLogger(__name__)
 DECODE_NICENESS = 5
 
 
+_niced = threading.local()
+
+
 def _lower_priority() -> None:
-    """Run this (decode) thread at a lower CPU priority than the model's threads.
+    """Run this thread (decoding, task bookkeeping) at a lower CPU priority than the
+    model's threads; once per thread.
 
     Decoding the next batch should use the cycles the model leaves, not slow the
-    model down: on a CPU host, TensorFlow's threads stall when a decode thread
-    takes their core; on a GPU host, the thread that feeds the GPU must not wait.
-    Linux gives each thread its own nice value; elsewhere this does nothing.
+    model down: on a CPU host, TensorFlow's threads stall when another thread takes
+    their core; on a GPU host, the thread that feeds the GPU must not wait. Linux
+    gives each thread its own nice value; elsewhere this does nothing.
     """
+    if getattr(_niced, "done", False):
+        return
+    _niced.done = True
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DECODE_NICENESS)
@@ -73,6 +80,12 @@ class Runtime:
                 specs.append(get_model(registry, name))
             except ValueError as exc:
                 raise ModelLoadError(str(exc)) from exc
+        # TF Hub reads its cache location from the environment, so the setting
+        # goes there; a named, persistent folder instead of TF Hub's temporary one.
+        cache = settings.tfhub_cache_dir.expanduser()
+        os.environ["TFHUB_CACHE_DIR"] = str(cache)
+        if any("://" in spec.handle for spec in specs):
+            log.info("models from TF Hub are downloaded once into %s (TFHUB_CACHE_DIR)", cache)
         gpus = configure_devices(
             memory_growth=settings.memory_growth, mixed_precision=settings.mixed_precision
         )
@@ -158,6 +171,7 @@ class Runtime:
         and a task holds at most one batch of decoded images beyond the batcher's
         bounded queue.
         """
+        _lower_priority()  # the task's own thread too: it decodes small chunks itself
         batcher = self.batchers.get(model)
         if batcher is None:
             message = f"this worker serves {sorted(self.batchers)}, not {model!r}"

@@ -415,6 +415,10 @@ def run(
                             err=True,
                         )
                 stack.start_worker(models)
+                click.echo(
+                    f"started a worker for {', '.join(models)}: it loads the models first",
+                    err=True,
+                )
             job = client.submit(
                 list(sources), models=list(models), job_id=job_id, chunk_size=chunk_size
             )

@@ -202,12 +202,14 @@ class EmbeddedWorker:
         return self
 
     def failed(self) -> str | None:
-        """The end of the worker's log when it has exited, else None."""
+        """Why the worker exited (its own message and what to do), or None while it runs."""
         if self.proc is None or self.proc.poll() is None:
             return None
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        lines = [ln for ln in text.splitlines() if "cannot start" in ln]
-        return lines[-1] if lines else text[-3000:]
+        marker = text.rfind("imgq worker cannot start:")
+        if marker >= 0:  # the worker's own explanation, with what to do
+            return text[marker:].strip()
+        return f"exit status {self.proc.returncode}; the end of its log:\n{text[-3000:]}"
 
     def ready(self) -> bool:
         """True once the worker has loaded its models and consumes."""

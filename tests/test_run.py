@@ -114,6 +114,8 @@ def test_run_bad_model_fails_fast(imgq_env: dict[str, str], photos: Path, tmp_pa
     proc = run_cli(["run", str(photos), "-m", "ghost", "--out", str(tmp_path / "r.jsonl")], env)
     assert proc.returncode == 1
     assert "model 'ghost' could not be loaded" in proc.stderr
+    # What to do comes with it: a local SavedModel in the models file.
+    assert "IMGQ_MODELS_FILE" in proc.stderr and "[models.ghost]" in proc.stderr
     assert time.monotonic() - start < 120
 
 

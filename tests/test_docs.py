@@ -1,0 +1,42 @@
+"""The README and the docs stay true: every setting, command and error code is there."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from producer.cli import main
+from shared.schemas import ErrorCode
+from shared.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def env_name(field: str) -> str:
+    alias = Settings.model_fields[field].validation_alias
+    choices = getattr(alias, "choices", None)
+    return str(choices[0]) if choices else f"IMGQ_{field.upper()}"
+
+
+@pytest.mark.parametrize("field", sorted(Settings.model_fields))
+def test_every_setting_is_in_the_readme(field: str) -> None:
+    assert f"`{env_name(field)}`" in README
+
+
+@pytest.mark.parametrize("command", sorted(main.commands))
+def test_every_command_is_in_the_readme(command: str) -> None:
+    assert f"imgq {command}" in README
+
+
+@pytest.mark.parametrize("code", [c.value for c in ErrorCode])
+def test_every_error_code_is_documented(code: str) -> None:
+    assert f"| `{code}` |" in (ROOT / "docs" / "errors.md").read_text(encoding="utf-8")
+
+
+def test_readme_opens_with_the_two_commands() -> None:
+    block = README.split("```sh", 1)[1].split("```", 1)[0].strip().splitlines()
+    assert block[0].startswith("make run IMAGES=./photos")
+    assert block[1].startswith("make test")
+    assert "make test" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")

@@ -156,3 +156,34 @@ def build_good_photos(directory: Path) -> list[Path]:
         Image.fromarray(getattr(data, name)()).save(path, "JPEG", quality=95)
         paths.append(path)
     return paths
+
+
+def mutated_images(n: int, seed: int = 20_240_611) -> list[bytes]:
+    """n damaged variants of a JPEG, a PNG and a GIF: bytes flipped, headers hit,
+    data cut short, junk inserted, or several of these (seeded: the same every run)."""
+    import random
+
+    rng = random.Random(seed)
+    photo = Image.fromarray(noise_rgb(48, 64, seed=7))
+    bases = [
+        encode(photo, "JPEG", quality=80, exif=exif_bytes(3)),
+        encode(photo.convert("RGBA"), "PNG"),
+        animated_gif(),
+    ]
+    out = []
+    for i in range(n):
+        data = bytearray(bases[i % len(bases)])
+        kind = rng.choice(("flip", "header", "truncate", "insert", "mix"))
+        if kind in ("flip", "mix"):
+            for _ in range(rng.randint(1, 12)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        if kind == "header":
+            for _ in range(rng.randint(1, 4)):
+                data[rng.randrange(min(64, len(data)))] = rng.randrange(256)
+        if kind in ("truncate", "mix"):
+            del data[rng.randrange(1, len(data)) :]
+        if kind in ("insert", "mix"):
+            at = rng.randrange(len(data) + 1)
+            data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
+        out.append(bytes(data))
+    return out

@@ -280,3 +280,26 @@ def test_wait_ready_helper_reports_a_dead_worker(
     worker = start_worker("nope", name="nope", wait=False)
     with pytest.raises(RuntimeError, match="worker exited"):
         wait_ready(worker, timeout=120)
+
+
+def test_fuzzed_files_never_hurt_a_worker(
+    shared_worker: WorkerProcess, client: Client, tmp_path: Path
+) -> None:
+    from shared.schemas import ErrorCode
+    from tests.corpus import mutated_images
+
+    folder = tmp_path / "fuzz"
+    folder.mkdir()
+    sources = []
+    for i, data in enumerate(mutated_images(240, seed=7)):
+        path = folder / f"m{i:03d}.{('jpg', 'png', 'gif')[i % 3]}"
+        path.write_bytes(data)
+        sources.append(str(path))
+    job = client.submit(sources, models=["t1001"], chunk_size=16)
+    job.wait(progress=False, timeout=180)
+    records = job.results()
+    assert_exactly_once(records, sources, ["t1001"])
+    codes = Counter(r.error.code.value if r.error else "ok" for r in records)
+    assert codes["ok"] > 0 and len(codes) >= 3, codes
+    assert set(codes) - {"ok"} <= {c.value for c in ErrorCode}
+    assert shared_worker.proc.poll() is None

@@ -323,17 +323,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     direct_runs: list[dict[str, float]] = []
     runs: dict[str, list[dict[str, Any]]] = {"chunked": [], "chunked_hc": [], "single": []}
 
-    def subset(r: int) -> list[str]:
-        return photos[r * per_round : (r + 1) * per_round]
+    def subset(r: int, span: int = 1) -> list[str]:
+        start = (r * per_round) % len(photos)
+        chosen = photos[start : start + span * per_round]
+        return chosen + photos[: span * per_round - len(chosen)]
 
     def direct_rate(r: int) -> float:
         d = run_direct(workdir / "resnet50", batch, per_round // batch, workdir)
         direct_runs.append(d)
         return d["images_per_s"]
 
-    def imgq_rate(key: str, chunk: int) -> Callable[[int], float]:
+    def imgq_rate(key: str, chunk: int, span: int = 1) -> Callable[[int], float]:
         def measure(r: int) -> float:
-            timing = run_job(client, subset(r), "bench_resnet50", chunk)
+            timing = run_job(client, subset(r, span), "bench_resnet50", chunk)
             runs[key].append(timing.__dict__ | {"rate": timing.rate})
             return timing.rate
 
@@ -368,8 +370,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 env={"IMGQ_MAX_BATCH_DELAY_MS": str(SINGLE_DELAY_MS)},
             )
             run_job(client, photos[:batch], "bench_resnet50", 1)
+            # Jobs twice as long as in the other rounds: a job's first and last
+            # batches are partial, and 4-batch jobs would measure mostly those.
             results["single_rounds"] = interleaved(
-                imgq_rate("chunked_hc", batch), imgq_rate("single", 1), rounds
+                imgq_rate("chunked_hc", batch, span=2),
+                imgq_rate("single", 1, span=2),
+                rounds // 2 * 2 + 1,
             )
         if args.only in (None, "capacity"):
             # 3: routing capacity with a model that does no work.

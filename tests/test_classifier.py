@@ -23,8 +23,9 @@ def random_images(n: int, size: int = 32, seed: int = 1) -> np.ndarray:
 
 def test_buckets() -> None:
     assert batch_buckets(1) == (1,)
-    assert batch_buckets(32) == (1, 2, 4, 8, 16, 32)
-    assert batch_buckets(24) == (1, 2, 4, 8, 16, 24)
+    assert batch_buckets(32) == (1, 2, 4, 8, 12, 16, 24, 32)
+    assert batch_buckets(24) == (1, 2, 4, 8, 12, 16, 24)
+    assert batch_buckets(128) == (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 
 
 @pytest.mark.parametrize("name", list(TEST_MODELS))

@@ -28,15 +28,19 @@ class ModelLoadError(RuntimeError):
 
 
 def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
-    """The fixed batch sizes a model is called with: powers of two up to the maximum, and it.
+    """The fixed batch sizes a model is called with: powers of two, from 12 on also
+    the points halfway between them (12, 24, 48, ...), up to the maximum, and it.
 
     A batch is padded up to the next bucket, so the graph is traced at most once
-    per bucket instead of once per distinct batch size.
+    per bucket instead of once per distinct batch size, and a partial batch (a
+    job's first or last) wastes at most a third of its compute on padding.
     """
     sizes = {max_batch_size}
     size = 1
     while size < max_batch_size:
         sizes.add(size)
+        if size >= 8 and size * 3 // 2 < max_batch_size:
+            sizes.add(size * 3 // 2)
         size *= 2
     return tuple(sorted(sizes))
 

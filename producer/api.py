@@ -203,6 +203,14 @@ class Job:
         from tqdm import tqdm
 
         deadline = None if timeout is None else time.monotonic() + timeout
+        # Redis hands an abandoned task to another worker after the visibility
+        # timeout; a task still without a result well after that was lost on the
+        # way (a worker killed between taking a message and recording it as taken,
+        # a window in the Redis transport). Send those again: their ids are fixed,
+        # so a rerun cannot double a result.
+        visibility = self.client.settings.visibility_timeout
+        stall_limit = visibility + min(30.0, float(visibility))
+        last_progress = time.monotonic()
         # Subscribe before the first read, so no notification falls in between.
         listener = self.client.store.listen(self.job_id)
         status = self.status()
@@ -237,7 +245,19 @@ class Job:
                 if check is not None:
                     check()
                 last_read = time.monotonic()
+                before = status.images_finished
                 status = self._status_patiently(status, deadline)
+                if status.images_finished != before:
+                    last_progress = last_read
+                elif last_read - last_progress > stall_limit and not status.finished:
+                    sent = self.resend_unfinished()
+                    log.warning(
+                        "job %s: no progress for %.0f s; %d unfinished task(s) sent again",
+                        self.job_id,
+                        last_read - last_progress,
+                        sent,
+                    )
+                    last_progress = last_read
         finally:
             listener.close()
             bar.close()

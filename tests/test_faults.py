@@ -57,8 +57,16 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def test_worker_killed_mid_job_its_tasks_go_to_another(
-    start_worker: Callable[..., WorkerProcess], client: Client, tmp_path: Path
+    start_worker: Callable[..., WorkerProcess], imgq_env: dict[str, str], tmp_path: Path
 ) -> None:
+    # The producer knows the visibility timeout too: it resends a task lost on the way.
+    client = Client(
+        Settings(
+            broker_url=imgq_env["IMGQ_BROKER_URL"],
+            models_file=imgq_env["IMGQ_MODELS_FILE"],
+            visibility_timeout=10,
+        )
+    )
     images = make_images(tmp_path / "imgs", 240)
     env = {**FAST_REDELIVERY, **SLOW}
     a = start_worker("tfault", name="kill-a", env=env, args=("--concurrency", "2"))
@@ -303,3 +311,26 @@ def test_fuzzed_files_never_hurt_a_worker(
     assert codes["ok"] > 0 and len(codes) >= 3, codes
     assert set(codes) - {"ok"} <= {c.value for c in ErrorCode}
     assert shared_worker.proc.poll() is None
+
+
+def test_a_task_lost_on_the_way_is_sent_again(
+    start_worker: Callable[..., WorkerProcess], imgq_env: dict[str, str], tmp_path: Path
+) -> None:
+    # A worker killed between taking a message off the queue and recording it as
+    # taken loses it (a window in the Redis transport): simulated by deleting it.
+    client = Client(
+        Settings(
+            broker_url=imgq_env["IMGQ_BROKER_URL"],
+            models_file=imgq_env["IMGQ_MODELS_FILE"],
+            visibility_timeout=10,
+        )
+    )
+    images = make_images(tmp_path / "imgs", 4)
+    job = client.submit(images, models=["tsolo"], chunk_size=2)
+    assert client.store.client.delete("imgq.tsolo") == 1  # both tasks gone
+    worker = start_worker("tsolo", name="lost", env=FAST_REDELIVERY)
+    start = time.monotonic()
+    status = job.wait(progress=False, timeout=120)
+    assert status.finished and time.monotonic() - start >= 20  # after the stall limit
+    assert_exactly_once(job.results(), images, ["tsolo"])
+    worker.stop()

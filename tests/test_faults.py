@@ -28,6 +28,17 @@ FAST_REDELIVERY = {"IMGQ_VISIBILITY_TIMEOUT": "10"}
 SLOW = {"IMGQ_MAX_BATCH_DELAY_MS": "250"}
 
 
+def fast_redelivery_client(imgq_env: dict[str, str]) -> Client:
+    """A producer that, like the workers here, counts on a 10 s visibility timeout."""
+    return Client(
+        Settings(
+            broker_url=imgq_env["IMGQ_BROKER_URL"],
+            models_file=imgq_env["IMGQ_MODELS_FILE"],
+            visibility_timeout=10,
+        )
+    )
+
+
 def make_images(folder: Path, n: int, *, size: tuple[int, int] = (320, 240)) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -60,13 +71,7 @@ def test_worker_killed_mid_job_its_tasks_go_to_another(
     start_worker: Callable[..., WorkerProcess], imgq_env: dict[str, str], tmp_path: Path
 ) -> None:
     # The producer knows the visibility timeout too: it resends a task lost on the way.
-    client = Client(
-        Settings(
-            broker_url=imgq_env["IMGQ_BROKER_URL"],
-            models_file=imgq_env["IMGQ_MODELS_FILE"],
-            visibility_timeout=10,
-        )
-    )
+    client = fast_redelivery_client(imgq_env)
     images = make_images(tmp_path / "imgs", 240)
     env = {**FAST_REDELIVERY, **SLOW}
     a = start_worker("tfault", name="kill-a", env=env, args=("--concurrency", "2"))
@@ -318,13 +323,7 @@ def test_a_task_lost_on_the_way_is_sent_again(
 ) -> None:
     # A worker killed between taking a message off the queue and recording it as
     # taken loses it (a window in the Redis transport): simulated by deleting it.
-    client = Client(
-        Settings(
-            broker_url=imgq_env["IMGQ_BROKER_URL"],
-            models_file=imgq_env["IMGQ_MODELS_FILE"],
-            visibility_timeout=10,
-        )
-    )
+    client = fast_redelivery_client(imgq_env)
     images = make_images(tmp_path / "imgs", 4)
     job = client.submit(images, models=["tsolo"], chunk_size=2)
     assert client.store.client.delete("imgq.tsolo") == 1  # both tasks gone

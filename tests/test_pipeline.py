@@ -198,26 +198,28 @@ def test_worker_with_unloadable_model_exits_with_a_clear_message(
     assert "IMGQ_MODELS_FILE" in out and "TFHUB_CACHE_DIR" in out
 
 
+def celery_worker(*args: str) -> list[str]:
+    """``celery -A workers.app worker`` on the queue of a model no other worker serves."""
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.app",
+        "worker",
+        "-Q",
+        "imgq.tsolo",
+        *args,
+    ]
+
+
 def test_celery_command_serves_the_queues_it_is_given(
     imgq_env: dict[str, str], photos: Path, client: Any, tmp_path: Path
 ) -> None:
     log = tmp_path / "celery.log"
     with open(log, "wb") as fh:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "workers.app",
-                "worker",
-                "-Q",
-                "imgq.tsolo",
-                "-n",
-                "celerycmd@%h",
-                "--loglevel",
-                "INFO",
-            ],
+            celery_worker("-n", "celerycmd@%h", "--loglevel", "INFO"),
             cwd=ROOT,
             env=imgq_env,
             stdout=fh,
@@ -239,20 +241,7 @@ def test_prefork_pool_is_refused(imgq_env: dict[str, str]) -> None:
     # "-P prefork" is Celery's default value and gives way to the configured
     # threads pool; its alias "processes" is an explicit request for fork.
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "workers.app",
-            "worker",
-            "-Q",
-            "imgq.tsolo",
-            "-P",
-            "processes",
-            "-n",
-            "prefork@%h",
-        ],
+        celery_worker("-P", "processes", "-n", "prefork@%h"),
         cwd=ROOT,
         env=imgq_env,
         capture_output=True,

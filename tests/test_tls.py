@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -14,7 +13,7 @@ import redis
 
 from producer.api import Client
 from shared.settings import Settings
-from tests.conftest import WorkerProcess, run_cli
+from tests.conftest import WorkerProcess, free_port, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -90,9 +89,7 @@ def tls_url(tmp_path: Path) -> Iterator[str]:
     if not tls_redis_available():
         pytest.skip("needs a redis-server built with TLS, and openssl")
     ca, cert, key = make_certs(tmp_path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(
         [
             "redis-server",

@@ -15,6 +15,8 @@ import re
 import shutil
 import sys
 import time
+from html.parser import HTMLParser
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -435,6 +437,96 @@ def test_html_report_missing_results_no_thumbnails_bad_page_size(tmp_path: Path)
     assert data["images"][1][2][1] == [[1, 1, 0.0, 0]]
     with pytest.raises(ValueError):
         write_html_report(records, tmp_path / "r.html", activations={}, page_size=0)
+
+
+# fmt: off
+PAGE_TAGS = {
+    "html", "head", "meta", "link", "title", "style", "body", "header", "h1", "p", "section",
+    "div", "h2", "table", "thead", "tr", "th", "tbody", "td", "span", "input", "label",
+    "select", "button", "main", "noscript", "script",
+}  # the elements the report's page is made of
+# fmt: on
+
+
+class _Page(HTMLParser):
+    """The elements, text, <title> and <script> bodies of a page, as a browser parses them."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.scripts: list[str] = []
+        self.title = ""
+        self.text = ""
+        self._in: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+        self._in = tag if tag in ("title", "script") else None
+        if tag == "script":
+            self.scripts.append("")
+
+    def handle_endtag(self, tag: str) -> None:
+        self._in = None
+
+    def handle_data(self, data: str) -> None:
+        if self._in == "title":
+            self.title += data
+        elif self._in == "script":
+            self.scripts[-1] += data
+        if self._in != "script":
+            self.text += data
+
+
+def test_html_report_user_text_is_inert(tmp_path: Path) -> None:
+    # A file name, a label, a model name, an error message, a job id and a title
+    # that each try to close the element or attribute they land in and open a script.
+    attack = "\"'</script><script>alert(1)</script><!--<img src=x onerror=alert(2)>&amp;\u2028"
+    name, label, model = f"photo {attack}.jpg", f"cat, {attack}", f"m{attack}"
+    records = [
+        ResultRecord(
+            job_id=f"job{attack}",
+            image=name,
+            model=model,
+            top5=[Prediction(index=7, label=label, score=0.5)],
+        ),
+        ResultRecord(
+            job_id=f"job{attack}",
+            image=name,
+            model="plain",
+            error=ErrorInfo(code=ErrorCode.DECODE_FAILED, message=f"bad {attack}"),
+        ),
+    ]
+    out = tmp_path / "inert.html"
+    write_html_report(records, out, activations={}, thumbnail=no_thumbnail, title=f"T {attack}")
+    text = out.read_text(encoding="utf-8")
+    page = _Page()
+    page.feed(text)
+    page.close()
+
+    # Only the page's own elements: no img, no event handler, exactly two scripts
+    # (the JSON block and the renderer), and the title reads back as given.
+    assert {tag for tag, _ in page.tags} <= PAGE_TAGS
+    assert not [a for _, attrs in page.tags for a in attrs if a.startswith("on")]
+    assert [attrs for tag, attrs in page.tags if tag == "script"] == [
+        {"type": "application/json", "id": "imgq-data"},
+        {},
+    ]
+    assert page.title == f"T {attack}"
+    # The summary shows the model name and job id as text, decoded to what was given.
+    assert f"m{attack}" in page.text and f"job{attack}" in page.text
+    # The JSON block: no character that could end it, and every value round-trips.
+    block = page.scripts[0]
+    assert not set(block) & {"<", ">", "&", "\u2028"}
+    data = json.loads(block)
+    assert data["images"][0][0] == name
+    assert data["labels"] == [label]
+    assert [m["name"] for m in data["models"]] == [model, "plain"]
+    assert data["images"][0][2][1] == {"c": "decode_failed", "m": f"bad {attack}"}
+    # The script block is the package's renderer, byte for byte.
+    assert (
+        page.scripts[1]
+        == (resources.files("producer.report") / "static" / "report.js").read_text("utf-8").strip()
+    )
 
 
 # --------------------------------------------------------------------------- PNG

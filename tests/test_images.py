@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from shared.images import ImageError, ReadLimits, decode_image, load_image, read_source
 from shared.schemas import ErrorCode
 from shared.settings import Settings
 from tests.corpus import (
@@ -36,6 +35,7 @@ from tests.corpus import (
     mutated_images,
     noise_rgb,
 )
+from workers.inputs import ImageError, ReadLimits, decode_image, load_image, read_source
 
 SIZE = (224, 224)
 MAX_PIXELS = 89_478_485
@@ -349,21 +349,21 @@ def test_decode_error_codes() -> None:
 
 
 def test_unexpected_errors_become_decode_failed(monkeypatch: pytest.MonkeyPatch) -> None:
-    import shared.images as images
+    import workers.inputs.decode as decoding
 
     png = encode(Image.new("RGB", (8, 8)), "PNG")
 
     def boom(im: Image.Image) -> Image.Image:
         raise RuntimeError("something odd")
 
-    monkeypatch.setattr(images, "_normalized", boom)
+    monkeypatch.setattr(decoding, "_normalized", boom)
     error = raises(ErrorCode.DECODE_FAILED, decode_image, png, SIZE, max_pixels=MAX_PIXELS)
     assert "something odd" in error.message
 
     def oom(im: Image.Image) -> Image.Image:
         raise MemoryError
 
-    monkeypatch.setattr(images, "_normalized", oom)
+    monkeypatch.setattr(decoding, "_normalized", oom)
     with pytest.raises(MemoryError):
         decode_image(png, SIZE, max_pixels=MAX_PIXELS)
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-import shared.images as images
-from shared.images import decode_image
+import workers.inputs.decode as decoding
 from tests.corpus import corner_marked, encode, exif_bytes
+from workers.inputs import decode_image
 
 MAX_PIXELS = 10**8
 
@@ -24,21 +24,21 @@ def photo(width: int = 640, height: int = 480) -> Image.Image:
 
 def pillow_only(data: bytes, size: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> np.ndarray:
     with monkeypatch.context() as m:
-        m.setattr(images, "simplejpeg", None)
+        m.setattr(decoding, "simplejpeg", None)
         return decode_image(data, size, max_pixels=MAX_PIXELS)
 
 
 def test_fast_path_is_taken_for_plain_jpegs(monkeypatch: pytest.MonkeyPatch) -> None:
     data = encode(photo(), "JPEG", quality=90)
     calls = []
-    real = images._decode_jpeg_fast
+    real = decoding._decode_jpeg_fast
 
     def spy(*args: object) -> object:
         out = real(*args)  # type: ignore[arg-type]
         calls.append(out is not None)
         return out
 
-    monkeypatch.setattr(images, "_decode_jpeg_fast", spy)
+    monkeypatch.setattr(decoding, "_decode_jpeg_fast", spy)
     decode_image(data, (224, 224), max_pixels=MAX_PIXELS)
     assert calls == [True]
 
@@ -59,7 +59,7 @@ def test_fast_and_pillow_paths_agree(
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_fast_path_applies_exif_orientation(orientation: int) -> None:
     data = encode(corner_marked(40, 24), "JPEG", quality=95, exif=exif_bytes(orientation))
-    assert images._jpeg_orientation(data) == orientation
+    assert decoding._jpeg_orientation(data) == orientation
     with Image.open(io.BytesIO(data)) as im:
         reference = ImageOps.exif_transpose(im).convert("RGB")
     width, height = reference.size
@@ -70,18 +70,18 @@ def test_fast_path_applies_exif_orientation(orientation: int) -> None:
 
 def test_jpegs_the_fast_path_leaves_to_pillow() -> None:
     cmyk = encode(photo(64, 48).convert("CMYK"), "JPEG")
-    assert images._decode_jpeg_fast(cmyk, 32, 32, MAX_PIXELS) is None
+    assert decoding._decode_jpeg_fast(cmyk, 32, 32, MAX_PIXELS) is None
     truncated = encode(photo(), "JPEG")[:3000]
-    assert images._decode_jpeg_fast(truncated, 32, 32, MAX_PIXELS) is None
+    assert decoding._decode_jpeg_fast(truncated, 32, 32, MAX_PIXELS) is None
     broken_exif = bytearray(encode(photo(64, 48), "JPEG", exif=exif_bytes(6)))
     start = broken_exif.index(b"Exif\x00\x00")
     broken_exif[start + 6 : start + 8] = b"XX"
-    assert images._jpeg_orientation(bytes(broken_exif)) is None
-    assert images._decode_jpeg_fast(bytes(broken_exif), 32, 32, MAX_PIXELS) is None
+    assert decoding._jpeg_orientation(bytes(broken_exif)) is None
+    assert decoding._decode_jpeg_fast(bytes(broken_exif), 32, 32, MAX_PIXELS) is None
 
 
 def test_fast_path_refuses_bombs_from_the_header() -> None:
     data = encode(photo(640, 480), "JPEG")
-    with pytest.raises(images.ImageError) as err:
-        images._decode_jpeg_fast(data, 32, 32, max_pixels=640 * 480 - 1)
+    with pytest.raises(decoding.ImageError) as err:
+        decoding._decode_jpeg_fast(data, 32, 32, max_pixels=640 * 480 - 1)
     assert err.value.code.value == "decompression_bomb"

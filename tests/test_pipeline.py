@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 
 from producer.sources import expand_sources
-from shared.images import ReadLimits, load_image
 from shared.labels import load_labels
 from shared.settings import Settings
 from tests.conftest import CUSTOM_LABELS, ROOT, TEST_MODELS, WorkerProcess, run_cli
 from tests.savedmodels import direct_scores
+from workers.inputs import ReadLimits, load_image
 
 pytestmark = pytest.mark.slow
 

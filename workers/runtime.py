@@ -17,12 +17,12 @@ from typing import Any
 import httpx
 import numpy as np
 
-from shared.images import ImageError, ReadLimits, load_image
 from shared.registry import ModelSpec, get_model, load_registry
 from shared.schemas import ErrorCode, ImageRef, error_record
 from shared.settings import Settings
 from workers.batcher import DynamicBatcher, TopK
 from workers.classifier import Classifier, ModelLoadError, configure_devices
+from workers.inputs import ImageError, ReadLimits, load_image
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,68 @@
+"""The package layout holds: shared/ only what both sides import, image input in the workers."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def imported_modules(package: str) -> dict[str, set[str]]:
+    """Every module each file of a package imports (top level or inside functions)."""
+    found: dict[str, set[str]] = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module)
+                names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        found[str(path.relative_to(ROOT))] = names
+    return found
+
+
+def under(name: str, package: str) -> bool:
+    """True when the dotted name is the package or one of its modules."""
+    return name == package or name.startswith(f"{package}.")
+
+
+def test_shared_imports_neither_producer_nor_workers() -> None:
+    files = imported_modules("shared")
+    assert "shared/settings.py" in files
+    wrong = {
+        path: sorted(n for n in names if under(n, "producer") or under(n, "workers"))
+        for path, names in files.items()
+    }
+    assert {path: names for path, names in wrong.items() if names} == {}
+
+
+def test_image_input_is_imported_by_the_workers_alone() -> None:
+    users = {
+        path
+        for package in ("shared", "producer", "workers")
+        for path, names in imported_modules(package).items()
+        if any(under(n, "workers.inputs") for n in names) and not path.startswith("workers/inputs/")
+    }
+    assert "workers/runtime.py" in users
+    assert sorted(path for path in users if not path.startswith("workers/")) == []
+    assert not (ROOT / "shared" / "images.py").exists()
+
+
+def test_image_input_loads_without_tensorflow() -> None:
+    # Decode threads and tools that only read images must not pay for TensorFlow.
+    code = (
+        "import sys, workers.inputs; "
+        "assert 'tensorflow' not in sys.modules, 'tensorflow imported'; "
+        "print(sorted(workers.inputs.__all__))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(
+        ["ImageError", "ReadLimits", "decode_image", "load_image", "read_source"]
+    )

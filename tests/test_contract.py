@@ -5,6 +5,7 @@ them with (so the two cannot drift)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +109,27 @@ def test_records_a_worker_builds_match_the_contract(tmp_path: Path) -> None:
     crashed = error_result("job-1", "x.jpg", "tiny", ErrorCode.WORKER_CRASHED, "died")
     for record in [*records, *unknown, crashed]:
         assert_matches_contract(record)
+
+
+def test_a_worker_fails_a_malformed_message_at_once(shared_worker: Any, client: Any) -> None:
+    from shared.celery_app import CLASSIFY_TASK
+    from shared.registry import queue_for
+
+    tid = task_id("contract-bad", "t1001", 0)
+    result = client.app.send_task(
+        CLASSIFY_TASK,
+        args=["contract-bad", "t1001", 0, [["only-src"]]],
+        task_id=tid,
+        queue=queue_for("t1001"),
+    )
+    error = result.get(timeout=60, propagate=False)
+    assert result.state == "FAILURE"
+    assert "malformed image list" in str(error)
+    assert "InvalidTask" in (result.traceback or "")
+    # Recorded as finished, under the task's own id, after the result is stored.
+    deadline = time.monotonic() + 30
+    while not client.store.finished_tasks("contract-bad") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.store.finished_tasks("contract-bad") == {tid: (0, 1)}  # its one image failed
+    # Not retried: the worker logged no retry of it.
+    assert f"Task {CLASSIFY_TASK}[{tid}] retry" not in shared_worker.output()

@@ -26,7 +26,8 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from producer.sources import expand_sources
 from shared.celery_app import CLASSIFY_TASK, create_app, job_store_for
-from shared.jobs import JobRecord, JobStatus, JobStore, check_job_id, new_job_id, task_id
+from shared.contract import ClassifyMessage, task_id
+from shared.jobs import JobRecord, JobStatus, JobStore, check_job_id, new_job_id
 from shared.registry import ModelSpec, get_model, load_registry, queue_for
 from shared.schemas import ErrorCode, ImageRef, ResultRecord, error_record
 from shared.settings import Settings, get_settings
@@ -156,17 +157,17 @@ class Job:
 
     def send_chunk(self, model: str, index: int, chunk: Sequence[ImageRef]) -> str:
         """Queue one chunk for one model; the task id (the same every time it is sent)."""
-        tid = task_id(self.job_id, model, index)
+        message = ClassifyMessage(job_id=self.job_id, model=model, chunk=index, images=tuple(chunk))
         self.client.app.send_task(
             CLASSIFY_TASK,
-            args=[self.job_id, model, index, [[r.src, r.ref] for r in chunk]],
-            task_id=tid,
+            args=message.to_args(),
+            task_id=message.task_id,
             queue=queue_for(model),
             # What Flower shows: the job, model and size, not hundreds of paths.
-            argsrepr=f"(job={self.job_id!r}, model={model!r}, chunk={index}, images={len(chunk)})",
+            argsrepr=message.argsrepr(),
             kwargsrepr="{}",
         )
-        return tid
+        return message.task_id
 
     def resend_unfinished(self) -> int:
         """Queue again every task without a result (resume after an interruption); how many.

@@ -249,14 +249,15 @@ class LocalStack:
 
     def purge_queues(self, models: Sequence[str]) -> int:
         """Drop queued and unacknowledged messages of the models' queues (resume starts clean)."""
+        from shared.broker_keys import UNACKED_INDEX_KEY, UNACKED_KEY, priority_queues_pattern
         from shared.registry import queue_for
 
         client = redis.Redis(unix_socket_path=str(self.redis.socket))
-        keys: list[bytes | str] = ["unacked", "unacked_index"]
+        keys: list[bytes | str] = [UNACKED_KEY, UNACKED_INDEX_KEY]
         for model in models:
             queue = queue_for(model)
             keys.append(queue)
-            keys.extend(client.scan_iter(match=f"{queue}\x06\x16*"))
+            keys.extend(client.scan_iter(match=priority_queues_pattern(queue)))
         return int(client.delete(*keys))
 
     def __enter__(self) -> LocalStack:

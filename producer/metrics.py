@@ -1,5 +1,6 @@
 """Prometheus metrics for what Flower does not export: the length of every model's
-queue, the messages taken but not yet acknowledged, and per-model job progress.
+queue and the messages taken but not yet acknowledged. (Per-job progress is what
+``imgq status`` shows; it is not exported here.)
 
     imgq metrics --port 9808        # then scrape http://host:9808/metrics
 
@@ -16,11 +17,10 @@ import redis
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from shared.broker_keys import UNACKED_KEY
 from shared.registry import queue_for
 
 log = logging.getLogger(__name__)
-
-UNACKED_KEY = "unacked"  # kombu's Redis transport: messages delivered, not yet acknowledged
 
 
 class QueueCollector(Collector):

@@ -6,8 +6,9 @@ Keys (all expire after ``IMGQ_RESULT_EXPIRES`` seconds, with the results):
 - ``imgq:job:<id>:chunks``    list: chunk i is a JSON list of image references
 - ``imgq:job:<id>:done``      hash: task id -> "ok failed" for every finished task
 
-Task ids are derived (``<job>.<model>.<chunk>``), so a task delivered twice, or a
-job resubmitted with the same id, writes the same fields again: counts never double.
+Task ids are derived (``<job>.<model>.<chunk>``, see ``shared.contract``), so a task
+delivered twice, or a job resubmitted with the same id, writes the same fields again:
+counts never double.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 import redis
 
+from shared.contract import ResultDict, decode_images, encode_images, parse_task_id, task_id
 from shared.schemas import ImageRef
 
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -44,17 +46,6 @@ def check_job_id(job_id: str) -> str:
     if not JOB_ID_RE.match(job_id):
         raise JobError(f"job id {job_id!r} must be 1-64 letters, digits, '-' or '_'")
     return job_id
-
-
-def task_id(job_id: str, model: str, chunk: int) -> str:
-    """The Celery task id of one chunk for one model (deterministic)."""
-    return f"{job_id}.{model}.{chunk:06d}"
-
-
-def parse_task_id(tid: str) -> tuple[str, str, int]:
-    """(job id, model, chunk index) from a task id made by :func:`task_id`."""
-    job_id, model, chunk = tid.split(".")
-    return job_id, model, int(chunk)
 
 
 @dataclass(frozen=True)
@@ -167,7 +158,7 @@ class JobStore:
         pipe.hset(key, mapping=meta)
         ckey = self._key(job_id, ":chunks")
         pipe.delete(ckey)
-        encoded = [json.dumps([[r.src, r.ref] for r in chunk]) for chunk in chunks]
+        encoded = [json.dumps(encode_images(chunk)) for chunk in chunks]
         for start in range(0, len(encoded), _PUSH_BATCH):
             pipe.rpush(ckey, *encoded[start : start + _PUSH_BATCH])
         for k in (key, ckey, self._key(job_id, ":done")):
@@ -348,12 +339,12 @@ class AttemptStore:
         """Record the image about to be worked on."""
         self.client.set(self._key(tid, "inflight"), index, ex=self.ttl)
 
-    def partial(self, tid: str) -> dict[int, dict[str, Any]]:
+    def partial(self, tid: str) -> dict[int, ResultDict]:
         """Records already made by earlier deliveries, by position in the chunk."""
         raw: dict[bytes, bytes] = self.client.hgetall(self._key(tid, "partial"))  # type: ignore[assignment]
         return {int(k): json.loads(v) for k, v in raw.items()}
 
-    def save_partial(self, tid: str, index: int, record: dict[str, Any]) -> None:
+    def save_partial(self, tid: str, index: int, record: ResultDict) -> None:
         """Keep one record so that a later delivery does not redo it."""
         key = self._key(tid, "partial")
         pipe = self.client.pipeline(transaction=False)
@@ -364,5 +355,4 @@ class AttemptStore:
 
 
 def _decode_chunk(raw: bytes | str) -> list[ImageRef]:
-    items: list[Any] = json.loads(raw)
-    return [ImageRef(src=src, ref=ref) for src, ref in items]
+    return decode_images(json.loads(raw))

@@ -12,9 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from shared.labels import BUILTIN_LABEL_SETS
+from shared.settings import BATCH_SIZE_BOUNDS, MAX_BATCH_DELAY_MS_BOUNDS
 
 MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 QUEUE_PREFIX = "imgq."
@@ -84,47 +87,83 @@ BUILTIN_MODELS: dict[str, ModelSpec] = {
 }
 
 
-def _parse_size(name: str, value: Any) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        size = (value, value)
-    elif (
-        isinstance(value, list)
-        and len(value) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    ):
-        size = (value[0], value[1])
-    else:
-        raise RegistryError(
-            f"model {name!r}: input_size must be an integer or [height, width], got {value!r}"
+# One side of an input size; a bool is not a size (TOML has both).
+_Side = Annotated[int, Field(strict=True, ge=8, le=4096)]
+_NonEmpty = Annotated[str, Field(strict=True, min_length=1)]
+
+
+class ModelEntry(BaseModel):
+    """One ``[models.NAME]`` table of a models file: a new model, or what to change
+    in the model of that name. Bounds are the settings' that the keys override."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    handle: _NonEmpty | None = None
+    input_size: _Side | tuple[_Side, _Side] | None = None
+    activation: Activation | None = None
+    labels: _NonEmpty | None = None
+    description: Annotated[str, BeforeValidator(str)] | None = None
+    batch_size: (
+        Annotated[int, Field(strict=True, ge=BATCH_SIZE_BOUNDS[0], le=BATCH_SIZE_BOUNDS[1])] | None
+    ) = None
+    max_batch_delay_ms: (
+        Annotated[
+            float,
+            Field(strict=True, ge=MAX_BATCH_DELAY_MS_BOUNDS[0], le=MAX_BATCH_DELAY_MS_BOUNDS[1]),
+        ]
+        | None
+    ) = None
+
+
+class ModelsFile(BaseModel):
+    """A models file: only ``[models.NAME]`` tables."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models: dict[str, ModelEntry] = Field(default_factory=dict)
+
+
+# What each key must be, for the one-line error about a models file.
+_EXPECTED = {
+    "handle": "handle must be a non-empty string",
+    "input_size": "input_size must be an integer or [height, width], each in 8..4096",
+    "activation": f"activation must be one of {[a.value for a in Activation]}",
+    "labels": "labels must be a label set name or a path",
+    "description": "description must be a string",
+    "batch_size": "batch_size must be an integer in {}..{}".format(*BATCH_SIZE_BOUNDS),
+    "max_batch_delay_ms": "max_batch_delay_ms must be in {}..{}".format(*MAX_BATCH_DELAY_MS_BOUNDS),
+}
+
+
+def _explain(path: Path, data: Mapping[str, Any], exc: ValidationError) -> RegistryError:
+    """One line saying what is wrong in a models file, from pydantic's errors."""
+    errors = exc.errors()
+    if any(len(e["loc"]) == 1 for e in errors):
+        return RegistryError(f"models file {path}: expected only [models.NAME] tables")
+    tables = errors[0]["loc"]
+    if len(tables) == 2 and not isinstance(data["models"][tables[1]], dict):
+        return RegistryError(f"models file {path}: [models.{tables[1]}] must be a table")
+    name = str(tables[1])
+    unknown = sorted(
+        str(e["loc"][2]) for e in errors if e["type"] == "extra_forbidden" and e["loc"][1] == name
+    )
+    if unknown:
+        return RegistryError(
+            f"model {name!r}: unknown keys {unknown}; allowed: {sorted(ModelEntry.model_fields)}"
         )
-    if not all(8 <= v <= 4096 for v in size):
-        raise RegistryError(f"model {name!r}: input_size {size} out of range 8..4096")
-    return size
+    key = str(errors[0]["loc"][2])
+    value = data["models"][name][key]
+    return RegistryError(f"model {name!r}: {_EXPECTED[key]}, got {value!r}")
 
 
-def _parse_model(
-    name: str, table: Mapping[str, Any], base: ModelSpec | None, base_dir: Path
-) -> ModelSpec:
+def _apply(name: str, entry: ModelEntry, base: ModelSpec | None, base_dir: Path) -> ModelSpec:
+    """The model a table describes, on top of the model of that name if there is one."""
     if not MODEL_NAME_RE.match(name):
         raise RegistryError(
             f"model name {name!r} must be lower-case letters, digits and underscores"
         )
-    known = {
-        "handle",
-        "input_size",
-        "activation",
-        "labels",
-        "description",
-        "batch_size",
-        "max_batch_delay_ms",
-    }
-    unknown = set(table) - known
-    if unknown:
-        raise RegistryError(
-            f"model {name!r}: unknown keys {sorted(unknown)}; allowed: {sorted(known)}"
-        )
     if base is None:
-        missing = {"handle", "labels"} - set(table)
+        missing = {"handle", "labels"} - entry.model_fields_set
         if missing:
             raise RegistryError(f"model {name!r}: missing required keys {sorted(missing)}")
     spec = base or ModelSpec(
@@ -135,42 +174,25 @@ def _parse_model(
         labels="",
     )
     changes: dict[str, Any] = {}
-    if "handle" in table:
-        handle = table["handle"]
-        if not isinstance(handle, str) or not handle:
-            raise RegistryError(f"model {name!r}: handle must be a non-empty string")
+    if entry.handle is not None:
+        handle = entry.handle
         if "://" not in handle and not Path(handle).is_absolute():
             handle = str((base_dir / handle).resolve())
         changes["handle"] = handle
-    if "input_size" in table:
-        changes["input_size"] = _parse_size(name, table["input_size"])
-    if "activation" in table:
-        try:
-            changes["activation"] = Activation(table["activation"])
-        except ValueError:
-            raise RegistryError(
-                f"model {name!r}: activation must be one of "
-                f"{[a.value for a in Activation]}, got {table['activation']!r}"
-            ) from None
-    if "labels" in table:
-        labels = table["labels"]
-        if not isinstance(labels, str) or not labels:
-            raise RegistryError(f"model {name!r}: labels must be a label set name or a path")
-        changes["labels"] = labels
-        changes["labels_base_dir"] = None if labels in BUILTIN_LABEL_SETS else base_dir
-    if "description" in table:
-        changes["description"] = str(table["description"])
-    if "batch_size" in table:
-        size = table["batch_size"]
-        if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 4096:
-            raise RegistryError(f"model {name!r}: batch_size must be an integer in 1..4096")
-        changes["batch_size"] = size
-    if "max_batch_delay_ms" in table:
-        delay = table["max_batch_delay_ms"]
-        valid = isinstance(delay, int | float) and not isinstance(delay, bool)
-        if not valid or not 0 <= delay <= 10_000:
-            raise RegistryError(f"model {name!r}: max_batch_delay_ms must be in 0..10000")
-        changes["max_batch_delay_ms"] = float(delay)
+    if entry.input_size is not None:
+        size = entry.input_size
+        changes["input_size"] = (size, size) if isinstance(size, int) else size
+    if entry.activation is not None:
+        changes["activation"] = entry.activation
+    if entry.labels is not None:
+        changes["labels"] = entry.labels
+        changes["labels_base_dir"] = None if entry.labels in BUILTIN_LABEL_SETS else base_dir
+    if entry.description is not None:
+        changes["description"] = entry.description
+    if entry.batch_size is not None:
+        changes["batch_size"] = entry.batch_size
+    if entry.max_batch_delay_ms is not None:
+        changes["max_batch_delay_ms"] = float(entry.max_batch_delay_ms)
     return replace(spec, **changes)
 
 
@@ -188,14 +210,13 @@ def load_registry(models_file: Path | None = None) -> dict[str, ModelSpec]:
         raise RegistryError(
             f"models file {path} (IMGQ_MODELS_FILE) is not valid TOML: {exc}"
         ) from exc
-    tables = data.get("models", {})
-    if not isinstance(tables, dict) or set(data) - {"models"}:
-        raise RegistryError(f"models file {path}: expected only [models.NAME] tables")
+    try:
+        parsed = ModelsFile.model_validate(data)
+    except ValidationError as exc:
+        raise _explain(path, data, exc) from None
     base_dir = path.resolve().parent
-    for name, table in tables.items():
-        if not isinstance(table, dict):
-            raise RegistryError(f"models file {path}: [models.{name}] must be a table")
-        models[name] = _parse_model(name, table, models.get(name), base_dir)
+    for name, entry in parsed.models.items():
+        models[name] = _apply(name, entry, models.get(name), base_dir)
     return models
 
 

@@ -1,7 +1,10 @@
-"""Message and result schemas: what travels on the queue and what comes back.
+"""The pydantic models of what travels on the queue and what comes back: image
+references, error codes, and result records as the producer reads them.
 
 Messages carry references to images (paths, URLs), never image bytes. Results are
 one record per image and model; a per-image failure is a record with an error.
+How these go on the wire (task ids, the task message, the record a worker builds)
+is ``shared.contract``.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
+# Bounds a models file's per-model overrides (shared.registry) share with these settings.
+BATCH_SIZE_BOUNDS = (1, 4096)
+MAX_BATCH_DELAY_MS_BOUNDS = (0, 10_000)
 
 
 def _split_csv(value: object) -> object:
@@ -53,11 +56,16 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Models a worker started with `celery -A workers.app worker` serves.",
     )
-    batch_size: int = Field(32, ge=1, le=4096, description="Largest batch per model call.")
+    batch_size: int = Field(
+        32,
+        ge=BATCH_SIZE_BOUNDS[0],
+        le=BATCH_SIZE_BOUNDS[1],
+        description="Largest batch per model call.",
+    )
     max_batch_delay_ms: float = Field(
         2.0,
-        ge=0,
-        le=10_000,
+        ge=MAX_BATCH_DELAY_MS_BOUNDS[0],
+        le=MAX_BATCH_DELAY_MS_BOUNDS[1],
         description="Milliseconds a batch waits for more images after its first one.",
     )
     worker_concurrency: int = Field(

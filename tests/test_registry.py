@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from shared.registry import (
     BUILTIN_MODELS,
@@ -15,6 +16,7 @@ from shared.registry import (
     model_from_queue,
     queue_for,
 )
+from shared.settings import BATCH_SIZE_BOUNDS, MAX_BATCH_DELAY_MS_BOUNDS, Settings
 
 
 def test_builtins_match_the_model_cards() -> None:
@@ -80,6 +82,14 @@ handle = "/models/resnet50"
         ('[models.Bad-Name]\nhandle = "/m"\nlabels = "imagenet1k"\n', "lower-case"),
         ("[models.x\n", "not valid TOML"),
         ("[other]\nx = 1\n", "only [models.NAME]"),
+        ("[models]\nx = 1\n", "[models.x] must be a table"),
+        (
+            '[models.x]\nhandle = "/m"\nlabels = "imagenet1k"\ninput_size = [true, 9]\n',
+            "input_size",
+        ),
+        ('[models.x]\nhandle = ""\nlabels = "imagenet1k"\n', "handle must be a non-empty"),
+        ("[models.resnet50]\nbatch_size = true\n", "batch_size must be an integer in 1..4096"),
+        ("[models.resnet50]\nmax_batch_delay_ms = -1\n", "max_batch_delay_ms must be in 0..10000"),
     ],
 )
 def test_models_file_errors(tmp_path: Path, body: str, message: str) -> None:
@@ -87,6 +97,24 @@ def test_models_file_errors(tmp_path: Path, body: str, message: str) -> None:
     f.write_text(body, encoding="utf-8")
     with pytest.raises(RegistryError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_registry(f)
+
+
+def test_overrides_share_the_settings_bounds(tmp_path: Path) -> None:
+    f = tmp_path / "models.toml"
+    for field, low, high in (
+        ("batch_size", *BATCH_SIZE_BOUNDS),
+        ("max_batch_delay_ms", *MAX_BATCH_DELAY_MS_BOUNDS),
+    ):
+        for value, valid in ((low, True), (high, True), (low - 1, False), (high + 1, False)):
+            f.write_text(f"[models.resnet50]\n{field} = {value}\n", encoding="utf-8")
+            if valid:
+                assert getattr(load_registry(f)["resnet50"], field) == value
+                assert getattr(Settings(**{field: value}), field) == value
+            else:
+                with pytest.raises(RegistryError, match=field):
+                    load_registry(f)
+                with pytest.raises(ValidationError):
+                    Settings(**{field: value})
 
 
 def test_missing_models_file_names_the_variable(tmp_path: Path) -> None:

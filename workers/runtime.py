@@ -12,13 +12,13 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 import httpx
 import numpy as np
 
+from shared.contract import ResultDict, error_result, ok_result
 from shared.registry import ModelSpec, get_model, load_registry
-from shared.schemas import ErrorCode, ImageRef, error_record
+from shared.schemas import ErrorCode, ImageRef
 from shared.settings import Settings
 from workers.batcher import DynamicBatcher, TopK
 from workers.classifier import Classifier, ModelLoadError, configure_devices
@@ -160,11 +160,11 @@ class Runtime:
             out.extend(run)
         return out
 
-    def classify(self, job_id: str, model: str, images: Sequence[ImageRef]) -> list[dict[str, Any]]:
+    def classify(self, job_id: str, model: str, images: Sequence[ImageRef]) -> list[ResultDict]:
         """One record per image, in order: top-5 for those that decode, an error for the rest.
 
-        Records are plain dicts in the ``ResultRecord`` schema (what the result
-        backend stores): built directly, as this runs for every image.
+        Records are ``shared.contract.ResultDict`` (what the result backend stores):
+        built directly, as this runs for every image.
 
         The chunk is decoded a batch at a time and each batch handed to the model's
         batcher at once, so the next batch decodes while the model runs this one,
@@ -176,9 +176,7 @@ class Runtime:
         if batcher is None:
             message = f"this worker serves {sorted(self.batchers)}, not {model!r}"
             return [
-                error_record(
-                    job_id, ref.src, model, ErrorCode.UNKNOWN_MODEL, message
-                ).to_json_dict()
+                error_result(job_id, ref.src, model, ErrorCode.UNKNOWN_MODEL, message)
                 for ref in images
             ]
         size = batcher.classifier.spec.input_size
@@ -190,34 +188,24 @@ class Runtime:
             futures = iter(batcher.submit(arrays))
             outcomes.extend(d if isinstance(d, ImageError) else next(futures) for d in decoded)
         labels = batcher.classifier.labels
-        records: list[dict[str, Any]] = []
+        records: list[ResultDict] = []
         for ref, outcome in zip(images, outcomes, strict=True):
             if isinstance(outcome, ImageError):
-                records.append(
-                    error_record(
-                        job_id, ref.src, model, outcome.code, outcome.message
-                    ).to_json_dict()
-                )
+                records.append(error_result(job_id, ref.src, model, outcome.code, outcome.message))
                 continue
             try:
                 top = outcome.result()
             except Exception as exc:
                 log.warning("model %s failed on %s: %s", model, ref.src, exc)
                 records.append(
-                    error_record(
+                    error_result(
                         job_id,
                         ref.src,
                         model,
                         ErrorCode.INFERENCE_FAILED,
                         f"the model failed on this image: {type(exc).__name__}: {exc}",
-                    ).to_json_dict()
+                    )
                 )
                 continue
-            top5 = [
-                {"index": k, "label": labels[k], "score": s}
-                for k, s in zip(top.indices, top.scores, strict=True)
-            ]
-            records.append(
-                {"job_id": job_id, "image": ref.src, "model": model, "top5": top5, "error": None}
-            )
+            records.append(ok_result(job_id, ref.src, model, top.indices, top.scores, labels))
         return records

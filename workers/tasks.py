@@ -13,8 +13,9 @@ import redis
 from celery import Task
 
 from shared.celery_app import CLASSIFY_TASK, attempt_store_for
+from shared.contract import ClassifyMessage, ResultDict, error_result, parse_task_id
 from shared.jobs import AttemptStore
-from shared.schemas import ErrorCode, ImageRef, error_record
+from shared.schemas import ErrorCode, ImageRef
 from workers.app import app, job_store
 from workers.state import get_runtime
 
@@ -54,12 +55,12 @@ def patiently(action: Callable[[], T], what: str) -> T:
             delay = min(5.0, delay * 2)
 
 
-def parse_images(images: Any) -> list[ImageRef]:
-    """The chunk's image references; InvalidTask when the message is malformed."""
+def parse_message(job_id: Any, model: Any, chunk: Any, images: Any) -> ClassifyMessage:
+    """The task message from its arguments; InvalidTask when it is malformed."""
     try:
-        return [ImageRef(src=src, ref=ref) for src, ref in images]
-    except (TypeError, ValueError) as exc:
-        raise InvalidTask(f"malformed image list in the task message: {exc}") from exc
+        return ClassifyMessage.from_args(job_id, model, chunk, images)
+    except ValueError as exc:
+        raise InvalidTask(str(exc)) from exc
 
 
 class ClassifyTask(Task):
@@ -78,7 +79,8 @@ class ClassifyTask(Task):
     ) -> None:
         """A chunk that failed for good counts all its images as failed."""
         try:
-            n = len(job_store().chunk(task_id.split(".")[0], int(task_id.rsplit(".", 1)[1])))
+            job_id, _, index = parse_task_id(task_id)
+            n = len(job_store().chunk(job_id, index))
         except Exception:
             images = kwargs.get("images") or (args[3] if len(args) > 3 else [])
             n = len(images) if isinstance(images, list) else 0
@@ -108,9 +110,10 @@ class ClassifyTask(Task):
 )
 def classify(
     self: Task, job_id: str, model: str, chunk: int, images: list[list[str]]
-) -> list[dict[str, Any]]:
+) -> list[ResultDict]:
     """Classify one chunk of images with one model; one result record per image."""
-    refs = parse_images(images)
+    message = parse_message(job_id, model, chunk, images)
+    refs = list(message.images)
     tid = self.request.id
     runtime = get_runtime()
     deliveries = patiently(lambda: attempt_store().begin(tid), f"counting task {tid}")
@@ -139,14 +142,14 @@ def _classify_isolated(
     model: str,
     refs: list[ImageRef],
     *,
-    runtime_classify: Callable[..., Any],
-) -> list[dict[str, Any]]:
+    runtime_classify: Callable[..., list[ResultDict]],
+) -> list[ResultDict]:
     """One image at a time, each recorded before the next: an image that was being
     worked on when a process died is not tried again but gets ``worker_crashed``."""
     store = attempt_store()
     done = store.partial(tid)
     crashed = store.inflight(tid)
-    records: list[dict[str, Any]] = []
+    records: list[ResultDict] = []
     for i, ref in enumerate(refs):
         record = done.get(i)
         if record is None:
@@ -154,14 +157,14 @@ def _classify_isolated(
                 log.error(
                     "task %s: %s was being classified when a worker died; skipped", tid, ref.src
                 )
-                record = error_record(
+                record = error_result(
                     job_id,
                     ref.src,
                     model,
                     ErrorCode.WORKER_CRASHED,
                     "a worker process died while classifying this image; it is not tried "
                     "again so that the job can finish (see the worker logs)",
-                ).to_json_dict()
+                )
             else:
                 store.set_inflight(tid, i)
                 record = runtime_classify(job_id, model, [ref])[0]

@@ -1,0 +1,144 @@
+"""The queue contract: what a producer puts on a model's queue and what a worker
+answers, defined once for the producer, the job records and the workers.
+
+- **Task id**: ``<job>.<model>.<chunk>`` (:func:`task_id`, :func:`parse_task_id`).
+  Derived, so a task sent or delivered twice has one id, one result, one count.
+- **Task message**: :class:`ClassifyMessage`. On the wire it is the Celery task's
+  positional arguments ``[job_id, model, chunk, [[src, ref], ...]]``
+  (:meth:`ClassifyMessage.to_args`); the image list alone is also how a job's
+  chunks are kept in Redis (:func:`encode_images`, :func:`decode_images`).
+- **Result record**: :class:`ResultDict`, one per image and model, the JSON the
+  worker returns and the result backend stores. It is the wire form of
+  :class:`shared.schemas.ResultRecord`, the model the producer parses it into.
+
+Why the record is a ``TypedDict`` and not the pydantic model on the worker side:
+it is built for every image, and building the dict directly costs about a ninth of
+building and dumping the pydantic model (``benchmarks/record_contract.py``: 1.6 us
+against 14 us per record on the 2-core CI machine; see docs/benchmarks.md). The contract
+test checks that the records a worker builds validate against ``ResultRecord``
+and dump back to the same JSON, so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, TypedDict
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.schemas import ErrorCode, ImageRef
+
+
+def task_id(job_id: str, model: str, chunk: int) -> str:
+    """The Celery task id of one chunk for one model (deterministic)."""
+    return f"{job_id}.{model}.{chunk:06d}"
+
+
+def parse_task_id(tid: str) -> tuple[str, str, int]:
+    """(job id, model, chunk index) from a task id made by :func:`task_id`."""
+    job_id, model, chunk = tid.split(".")
+    return job_id, model, int(chunk)
+
+
+def encode_images(refs: Iterable[ImageRef]) -> list[list[str]]:
+    """Image references as they travel: ``[[src, ref], ...]``."""
+    return [[r.src, r.ref] for r in refs]
+
+
+def decode_images(items: Any) -> list[ImageRef]:
+    """Image references from their wire form; TypeError or ValueError when malformed."""
+    return [ImageRef(src=src, ref=ref) for src, ref in items]
+
+
+class ClassifyMessage(BaseModel):
+    """One task: classify one chunk of a job's images with one model."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    job_id: str
+    model: str
+    chunk: int = Field(ge=0)
+    images: tuple[ImageRef, ...]
+
+    @property
+    def task_id(self) -> str:
+        """The task's id, derived from job, model and chunk."""
+        return task_id(self.job_id, self.model, self.chunk)
+
+    def to_args(self) -> list[Any]:
+        """The Celery task's positional arguments."""
+        return [self.job_id, self.model, self.chunk, encode_images(self.images)]
+
+    def argsrepr(self) -> str:
+        """What monitoring shows for the task: job, model and size, not hundreds of paths."""
+        return (
+            f"(job={self.job_id!r}, model={self.model!r}, chunk={self.chunk}, "
+            f"images={len(self.images)})"
+        )
+
+    @classmethod
+    def from_args(cls, job_id: Any, model: Any, chunk: Any, images: Any) -> ClassifyMessage:
+        """The message from the task's arguments; ValueError when they are malformed."""
+        try:
+            refs = decode_images(images)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"malformed image list in the task message: {exc}") from exc
+        return cls(job_id=job_id, model=model, chunk=chunk, images=tuple(refs))
+
+
+class PredictionDict(TypedDict):
+    """One of the top-5 classes on the wire (``shared.schemas.Prediction``)."""
+
+    index: int
+    label: str
+    score: float
+
+
+class ErrorDict(TypedDict):
+    """Why one image has no top-5, on the wire (``shared.schemas.ErrorInfo``)."""
+
+    code: str
+    message: str
+
+
+class ResultDict(TypedDict):
+    """One result record on the wire (``shared.schemas.ResultRecord``); keys in this order."""
+
+    job_id: str
+    image: str
+    model: str
+    top5: list[PredictionDict]
+    error: ErrorDict | None
+
+
+def ok_result(
+    job_id: str,
+    image: str,
+    model: str,
+    indices: Sequence[int],
+    scores: Sequence[float],
+    labels: Sequence[str],
+) -> ResultDict:
+    """The record of a classified image: its top classes (model output indices, best
+    first), their scores, and the model's labels to name them."""
+    return {
+        "job_id": job_id,
+        "image": image,
+        "model": model,
+        "top5": [
+            {"index": k, "label": labels[k], "score": s}
+            for k, s in zip(indices, scores, strict=True)
+        ],
+        "error": None,
+    }
+
+
+def error_result(job_id: str, image: str, model: str, code: ErrorCode, message: str) -> ResultDict:
+    """The record of an image that has no top-5, and why."""
+    return {
+        "job_id": job_id,
+        "image": image,
+        "model": model,
+        "top5": [],
+        "error": {"code": code.value, "message": message},
+    }

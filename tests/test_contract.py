@@ -1,0 +1,135 @@
+"""The queue contract: task ids, the task message on the wire, and the result records
+a real worker runtime builds, checked against the pydantic models the producer reads
+them with (so the two cannot drift)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shared.contract import (
+    ClassifyMessage,
+    ErrorDict,
+    PredictionDict,
+    ResultDict,
+    error_result,
+    parse_task_id,
+    task_id,
+)
+from shared.schemas import ErrorCode, ErrorInfo, ImageRef, Prediction, ResultRecord
+
+LABELS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta"]
+
+
+def test_task_ids_round_trip() -> None:
+    tid = task_id("job-1", "resnet50", 12)
+    assert tid == "job-1.resnet50.000012"
+    assert parse_task_id(tid) == ("job-1", "resnet50", 12)
+    with pytest.raises(ValueError):
+        parse_task_id("job-1.resnet50")
+
+
+def test_message_has_the_wire_shape_and_round_trips() -> None:
+    refs = (ImageRef(src="a.jpg", ref="/d/a.jpg"), ImageRef(src="http://h/b", ref="http://h/b"))
+    message = ClassifyMessage(job_id="job-1", model="m", chunk=3, images=refs)
+    args = message.to_args()
+    assert args == ["job-1", "m", 3, [["a.jpg", "/d/a.jpg"], ["http://h/b", "http://h/b"]]]
+    assert message.task_id == "job-1.m.000003"
+    assert message.argsrepr() == "(job='job-1', model='m', chunk=3, images=2)"
+    # What the worker gets back after the JSON trip through the broker.
+    assert ClassifyMessage.from_args(*json.loads(json.dumps(args))) == message
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("job", "m", 0, "not a list"),
+        ("job", "m", 0, [["only-src"]]),
+        ("job", "m", 0, [["a", "b", "c"]]),
+        ("job", "m", 0, [[None, "/d/a.jpg"]]),
+        ("job", "m", -1, [["a", "/d/a"]]),
+        ("job", None, 0, [["a", "/d/a"]]),
+    ],
+)
+def test_malformed_messages_are_refused(args: tuple[Any, ...]) -> None:
+    with pytest.raises(ValueError):
+        ClassifyMessage.from_args(*args)
+
+
+def test_wire_record_types_name_the_model_fields() -> None:
+    assert list(ResultDict.__annotations__) == list(ResultRecord.model_fields)
+    assert list(PredictionDict.__annotations__) == list(Prediction.model_fields)
+    assert list(ErrorDict.__annotations__) == list(ErrorInfo.model_fields)
+
+
+def assert_matches_contract(record: ResultDict) -> None:
+    """The record parses as a ResultRecord and dumps back to the very same JSON."""
+    parsed = ResultRecord.model_validate(record)
+    assert json.dumps(parsed.to_json_dict()) == json.dumps(record)
+    assert list(record) == list(ResultDict.__annotations__)
+
+
+def test_records_a_worker_builds_match_the_contract(tmp_path: Path) -> None:
+    from shared.settings import Settings
+    from tests.savedmodels import build_classifier
+    from workers.runtime import Runtime
+
+    build_classifier(tmp_path / "tiny", len(LABELS), output="dict")
+    (tmp_path / "labels.txt").write_text("\n".join(LABELS) + "\n", encoding="utf-8")
+    (tmp_path / "models.toml").write_text(
+        '[models.tiny]\nhandle = "tiny"\ninput_size = 32\nlabels = "labels.txt"\n',
+        encoding="utf-8",
+    )
+    good = tmp_path / "good.png"
+    Image.fromarray(np.full((40, 30, 3), 120, np.uint8)).save(good)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    images = [
+        ImageRef(src=name, ref=str(tmp_path / name)) for name in ("good.png", "empty.jpg", "no.jpg")
+    ]
+    runtime = Runtime.start(
+        ["tiny"], Settings(models_file=tmp_path / "models.toml", decode_threads=1)
+    )
+    try:
+        records = runtime.classify("job-1", "tiny", images)
+        unknown = runtime.classify("job-1", "other", images[:1])
+    finally:
+        runtime.close()
+    ok, empty, missing = records
+    assert ok["error"] is None and len(ok["top5"]) == 5
+    assert {p["label"] for p in ok["top5"]} <= set(LABELS)
+    assert empty["error"] == {"code": "empty_file", "message": empty["error"]["message"]}
+    assert missing["error"] is not None and missing["error"]["code"] == "not_found"
+    assert unknown[0]["error"] is not None and unknown[0]["error"]["code"] == "unknown_model"
+    crashed = error_result("job-1", "x.jpg", "tiny", ErrorCode.WORKER_CRASHED, "died")
+    for record in [*records, *unknown, crashed]:
+        assert_matches_contract(record)
+
+
+def test_a_worker_fails_a_malformed_message_at_once(shared_worker: Any, client: Any) -> None:
+    from shared.celery_app import CLASSIFY_TASK
+    from shared.registry import queue_for
+
+    tid = task_id("contract-bad", "t1001", 0)
+    result = client.app.send_task(
+        CLASSIFY_TASK,
+        args=["contract-bad", "t1001", 0, [["only-src"]]],
+        task_id=tid,
+        queue=queue_for("t1001"),
+    )
+    error = result.get(timeout=60, propagate=False)
+    assert result.state == "FAILURE"
+    assert "malformed image list" in str(error)
+    assert "InvalidTask" in (result.traceback or "")
+    # Recorded as finished, under the task's own id, after the result is stored.
+    deadline = time.monotonic() + 30
+    while not client.store.finished_tasks("contract-bad") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.store.finished_tasks("contract-bad") == {tid: (0, 1)}  # its one image failed
+    # Not retried: the worker logged no retry of it.
+    assert f"Task {CLASSIFY_TASK}[{tid}] retry" not in shared_worker.output()

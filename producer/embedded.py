@@ -20,8 +20,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import redis
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 log = logging.getLogger(__name__)
 
@@ -268,17 +272,26 @@ class EmbeddedWorker:
 
     def wait_ready(self, timeout: float = 120) -> EmbeddedWorker:
         """Wait until the worker answers a ping; EmbeddedError when it exits or times out."""
+        from shared.celery_app import create_app
+        from shared.settings import Settings
+
         deadline = time.monotonic() + timeout
-        while not self.ready():
-            failure = self.failed()
-            if failure is not None:
-                raise EmbeddedError(f"worker exited ({failure})")
-            if time.monotonic() > deadline:
-                raise EmbeddedError(
-                    f"worker not ready after {timeout:g} s; the end of its log:\n"
-                    f"{self.output()[-3000:]}"
-                )
-            time.sleep(0.1)
+        # One app for every ping; short pings, so readiness is seen within a fraction
+        # of a second.
+        app = create_app(Settings(broker_url=self.broker_url, result_backend=None))
+        try:
+            while not _answers(app, self.node, timeout=0.2):
+                failure = self.failed()
+                if failure is not None:
+                    raise EmbeddedError(f"worker exited ({failure})")
+                if time.monotonic() > deadline:
+                    raise EmbeddedError(
+                        f"worker not ready after {timeout:g} s; the end of its log:\n"
+                        f"{self.output()[-3000:]}"
+                    )
+                time.sleep(0.05)
+        finally:
+            app.close()
         return self
 
     def stop(self, grace: float = 60) -> None:
@@ -289,18 +302,24 @@ class EmbeddedWorker:
 
 def ping(broker_url: str, node: str, *, timeout: float = 1.0) -> bool:
     """True when the worker ``node`` answers a remote-control ping through ``broker_url``."""
-    from kombu.exceptions import OperationalError
-
     from shared.celery_app import create_app
     from shared.settings import Settings
 
     app = create_app(Settings(broker_url=broker_url, result_backend=None))
     try:
+        return _answers(app, node, timeout=timeout)
+    finally:
+        app.close()
+
+
+def _answers(app: Celery, node: str, *, timeout: float) -> bool:
+    """True when ``node`` answers ``app``'s ping within ``timeout`` seconds."""
+    from kombu.exceptions import OperationalError
+
+    try:
         replies = app.control.ping(destination=[node], timeout=timeout, limit=1)
     except (OSError, OperationalError, redis.exceptions.RedisError):  # no broker (yet)
         return False
-    finally:
-        app.close()
     return any(node in reply for reply in replies or [])
 
 

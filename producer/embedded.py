@@ -176,7 +176,7 @@ class EmbeddedWorker:
     """A real ``imgq worker`` process for the given models, logging to a file.
 
     ``env`` is added to the environment it inherits (``base_env``, else this
-    process's own); the broker URL is always ``broker_url``.
+    process's own); its broker is ``broker_url`` unless ``env`` names another.
     """
 
     def __init__(

@@ -220,12 +220,7 @@ class Stack:
             args=args,
             env={"IMGQ_MODELS_FILE": str(self.models_file), **(env or {})},
         ).start()
-        deadline = time.monotonic() + 300
-        while not self.worker.ready():
-            if self.worker.failed() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker did not start: {log.read_text()[-3000:]}")
-            time.sleep(0.2)
-        return self.worker
+        return self.worker.wait_ready(timeout=300)
 
     def stop_worker(self) -> None:
         if self.worker is not None:

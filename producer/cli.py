@@ -12,14 +12,17 @@ from typing import Any, TextIO, TypeVar
 
 import click
 import redis
+from kombu.utils.url import maybe_sanitize_url
 
 from producer.api import Client, Job, JobTimeout
-from producer.embedded import EmbeddedError, LocalStack
 from producer.output import write_records
+from producer.runner import RunPlan
+from producer.runner import run as run_plan
 from producer.sources import SourceError
 from shared import __version__
+from shared.defaults import bounds_of, default_of
 from shared.jobs import JobError, JobStatus
-from shared.registry import RegistryError, get_model
+from shared.registry import RegistryError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -35,16 +38,9 @@ def _user_errors() -> Iterator[None]:
         from shared.settings import get_settings
 
         raise click.ClickException(
-            f"cannot reach Redis at {_redact(get_settings().broker_url)}: {exc} "
+            f"cannot reach Redis at {maybe_sanitize_url(get_settings().broker_url)}: {exc} "
             "(set IMGQ_BROKER_URL, or start one: redis-server)"
         ) from exc
-
-
-def _redact(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
 
 
 def _open_out(path: str | None) -> TextIO:
@@ -125,7 +121,10 @@ def main() -> None:
     "--concurrency",
     type=int,
     default=None,
-    help="Tasks run at once in this process (threads; default 2).",
+    help=(
+        "Tasks run at once in this process (threads) "
+        f"[env IMGQ_WORKER_CONCURRENCY; default {default_of('worker_concurrency')}]."
+    ),
 )
 @click.option(
     "--pool",
@@ -136,9 +135,9 @@ def main() -> None:
 )
 @click.option(
     "--batch-size",
-    type=int,
+    type=click.IntRange(*bounds_of("batch_size")),
     default=None,
-    help="Images per model call [env IMGQ_BATCH_SIZE; default 32].",
+    help=f"Images per model call [env IMGQ_BATCH_SIZE; default {default_of('batch_size')}].",
 )
 @click.option(
     "--gpu",
@@ -162,14 +161,9 @@ def worker(
     loglevel: str,
 ) -> None:
     """Start a worker: load MODELs once, then consume their queues."""
-    os.environ["IMGQ_WORKER_MODELS"] = ",".join(models)
-    if batch_size is not None:
-        os.environ["IMGQ_BATCH_SIZE"] = str(batch_size)
     if gpu is not None:
+        # CUDA reads its device list from the environment only, before TensorFlow starts.
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-    from shared.settings import get_settings
-
-    get_settings.cache_clear()
     name = hostname or f"imgq-{'-'.join(models)}-{os.getpid()}@%h"
     argv = [
         "-A",
@@ -185,6 +179,11 @@ def worker(
         "--without-gossip",
         "--without-mingle",
     ]
+    # imgq's own options go through Celery's custom worker options (workers.options).
+    for model in models:
+        argv += ["--model", model]
+    if batch_size is not None:
+        argv += ["--batch-size", str(batch_size)]
     if concurrency is not None:
         argv += ["--concurrency", str(concurrency)]
     from celery.bin.celery import celery as celery_command
@@ -209,7 +208,7 @@ def worker(
     "--chunk-size",
     type=int,
     default=None,
-    help="Image references per task [env IMGQ_CHUNK_SIZE; default 32].",
+    help=f"Image references per task [env IMGQ_CHUNK_SIZE; default {default_of('chunk_size')}].",
 )
 @click.option("--wait", is_flag=True, help="Wait for the job to finish, with a progress bar.")
 @click.option("--timeout", type=float, default=None, help="With --wait: give up after SECONDS.")
@@ -344,7 +343,7 @@ def _print_table(job: Job, limit: int) -> None:
     "--chunk-size",
     type=int,
     default=None,
-    help="Image references per task [env IMGQ_CHUNK_SIZE; default 32].",
+    help=f"Image references per task [env IMGQ_CHUNK_SIZE; default {default_of('chunk_size')}].",
 )
 @click.option(
     "--show",
@@ -384,64 +383,7 @@ def run(
     """
     from shared.settings import get_settings
 
-    if bool(sources) == bool(resume_id):
-        raise click.UsageError("give SOURCES to classify, or --resume JOB_ID (not both)")
-    settings = get_settings()
-    use_embedded = embedded or "broker_url" not in settings.model_fields_set
-    if resume_id and use_embedded and state_dir is None:
-        raise click.UsageError("--resume with the embedded Redis needs the --state-dir it ran with")
-    if state_dir is not None and not use_embedded:
-        raise click.UsageError("--state-dir is for the embedded Redis (IMGQ_BROKER_URL is set)")
-
-    def go(client: Client, stack: LocalStack | None) -> None:
-        if resume_id:
-            job = client.job(resume_id)
-            if stack is not None:
-                stack.purge_queues(job.record.models)
-                stack.start_worker(job.record.models)
-            sent = job.resend_unfinished()
-            click.echo(
-                f"resuming job {job.job_id}: {sent} unfinished task(s) queued again", err=True
-            )
-        else:
-            if stack is not None:
-                registry = client.registry()
-                for name in models:  # unknown model names fail before a worker starts
-                    spec = get_model(registry, name)
-                    if "://" in spec.handle:
-                        click.echo(
-                            f"model {name}: {spec.handle}, downloaded once into "
-                            f"{settings.tfhub_cache_dir.expanduser()} (TFHUB_CACHE_DIR)",
-                            err=True,
-                        )
-                stack.start_worker(models)
-                click.echo(
-                    f"started a worker for {', '.join(models)}: it loads the models first",
-                    err=True,
-                )
-            job = client.submit(
-                list(sources), models=list(models), job_id=job_id, chunk_size=chunk_size
-            )
-            click.echo(
-                f"job {job.job_id}: {job.record.total_images} images x "
-                f"{len(job.record.models)} model(s)",
-                err=True,
-            )
-        try:
-            status = job.wait(
-                progress=not no_progress, check=stack.check_worker if stack is not None else None
-            )
-        except KeyboardInterrupt:
-            hint = f" --state-dir {state_dir}" if stack is not None else ""
-            kept = (
-                ""
-                if stack is None or state_dir is not None
-                else " (it ran on a temporary Redis: use --state-dir DIR to be able to resume)"
-            )
-            click.echo(
-                f"\ninterrupted: resume with  imgq run --resume {job.job_id}{hint}{kept}", err=True
-            )
-            raise SystemExit(130) from None
+    def finish(client: Client, job: Job, status: JobStatus) -> None:
         count = _write_results(job, out, fmt)
         if report_path is not None:
             _write_reports(client, job, report_path, None)
@@ -450,28 +392,18 @@ def run(
         _print_status(status, as_json=False)
         click.echo(f"wrote {count} records to {out}", err=True)
 
+    plan = RunPlan(
+        sources=sources,
+        models=models,
+        embedded=embedded,
+        state_dir=state_dir,
+        resume_id=resume_id,
+        job_id=job_id,
+        chunk_size=chunk_size,
+        progress=not no_progress,
+    )
     with _user_errors():
-        if not use_embedded:
-            click.echo(
-                f"using the broker at {_redact(settings.broker_url)} and the workers "
-                "already running there",
-                err=True,
-            )
-            go(Client(settings), None)
-            return
-        try:
-            with LocalStack(state_dir) as stack:
-                click.echo(
-                    f"started an embedded Redis ({stack.url}); data in "
-                    f"{state_dir if state_dir else 'a temporary folder'}",
-                    err=True,
-                )
-                local = settings.model_copy(
-                    update={"broker_url": stack.url, "result_backend": None}
-                )
-                go(Client(local), stack)
-        except EmbeddedError as exc:
-            raise click.ClickException(str(exc)) from exc
+        run_plan(plan, get_settings(), finish)
 
 
 def _write_reports(

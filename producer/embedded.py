@@ -1,6 +1,8 @@
-"""``imgq run``'s local stack: a real Redis and a real worker, started as child
-processes and stopped with it. The job itself goes through the normal producer
-path; this module only starts and stops processes.
+"""The one launcher of a real Redis and real ``imgq worker`` processes, started as
+child processes and stopped with their owner: ``imgq run``'s local stack, the
+tests' fixtures and the benchmarks all start them here. A worker is ready when it
+answers a remote-control ping under its own node name (its models are loaded and
+it consumes), never when its log says so.
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import redis
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +75,18 @@ def _stop(proc: subprocess.Popen[bytes] | None, *, grace: float) -> None:
 
 
 class EmbeddedRedis:
-    """A Redis server on a private unix socket, data in ``state_dir`` (append-only
-    file on) or in a temporary folder removed on stop."""
+    """A Redis server on a private unix socket (or, given ``port``, on that loopback
+    port), data in ``state_dir`` (append-only file on) or in a temporary folder
+    removed on stop."""
 
-    def __init__(self, state_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path | None = None,
+        *,
+        port: int | None = None,
+        appendonly: bool | None = None,
+        binary: str | None = None,
+    ) -> None:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if state_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="imgq-")
@@ -80,7 +94,9 @@ class EmbeddedRedis:
         else:
             self.directory = state_dir.expanduser().resolve()
             self.directory.mkdir(parents=True, exist_ok=True)
-        self.persistent = state_dir is not None
+        self.persistent = state_dir is not None if appendonly is None else appendonly
+        self.port = port
+        self.binary = binary
         # Unix sockets have a short path limit; the socket lives in a short temp dir.
         self._sock_dir = tempfile.TemporaryDirectory(prefix="imgq-sock-")
         self.socket = Path(self._sock_dir.name) / "redis.sock"
@@ -89,18 +105,26 @@ class EmbeddedRedis:
     @property
     def url(self) -> str:
         """The broker and result-backend URL of this server."""
+        if self.port is not None:
+            return f"redis://127.0.0.1:{self.port}/0"
         return f"redis+socket://{self.socket}"
+
+    def client(self) -> redis.Redis:
+        """A plain Redis client of this server."""
+        if self.port is not None:
+            return redis.Redis(host="127.0.0.1", port=self.port)
+        return redis.Redis(unix_socket_path=str(self.socket))
 
     def start(self, timeout: float = 20) -> EmbeddedRedis:
         """Start the server and wait until it answers."""
+        if self.port is None:
+            # No TCP: nothing on the network can reach it.
+            listen = ["--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700"]
+        else:
+            listen = ["--port", str(self.port), "--bind", "127.0.0.1"]
         args = [
-            redis_server_binary(),
-            "--port",
-            "0",  # no TCP: nothing on the network can reach it
-            "--unixsocket",
-            str(self.socket),
-            "--unixsocketperm",
-            "700",
+            self.binary or redis_server_binary(),
+            *listen,
             "--dir",
             str(self.directory),
             "--save",
@@ -115,7 +139,7 @@ class EmbeddedRedis:
         self.proc = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent
         )
-        client = redis.Redis(unix_socket_path=str(self.socket))
+        client = self.client()
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -149,7 +173,11 @@ class EmbeddedRedis:
 
 
 class EmbeddedWorker:
-    """A real ``imgq worker`` process for the given models, logging to a file."""
+    """A real ``imgq worker`` process for the given models, logging to a file.
+
+    ``env`` is added to the environment it inherits (``base_env``, else this
+    process's own); its broker is ``broker_url`` unless ``env`` names another.
+    """
 
     def __init__(
         self,
@@ -159,31 +187,47 @@ class EmbeddedWorker:
         *,
         args: Sequence[str] = (),
         env: dict[str, str] | None = None,
+        base_env: dict[str, str] | None = None,
+        hostname: str | None = None,
+        cwd: Path | None = None,
     ) -> None:
         self.models = list(models)
         self.broker_url = broker_url
         self.log_path = log_path
         self.args = list(args)
         self.env = dict(env or {})
+        self.base_env = base_env
+        self.hostname = hostname or f"imgq-run-{os.getpid()}@%h"
+        self.cwd = cwd
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def node(self) -> str:
+        """The worker's node name, as it answers remote control (``%h`` expanded)."""
+        from celery.utils.nodenames import default_nodename, host_format
+
+        return str(host_format(default_nodename(self.hostname)))
 
     def start(self) -> EmbeddedWorker:
         """Start the worker; it loads its models, then consumes."""
+        base = os.environ if self.base_env is None else self.base_env
         env = {
             k: v
-            for k, v in os.environ.items()
+            for k, v in base.items()
             if k not in {"IMGQ_BROKER_URL", "IMGQ_RESULT_BACKEND", "IMGQ_WORKER_MODELS"}
         }
         env["IMGQ_BROKER_URL"] = self.broker_url
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         env.update(self.env)
+        # An explicit broker in ``env`` (a test's TLS Redis) is the one to ping.
+        self.broker_url = env["IMGQ_BROKER_URL"]
         cmd = [
             sys.executable,
             "-m",
             "producer.cli",
             "worker",
             "--hostname",
-            f"imgq-run-{os.getpid()}@%h",
+            self.hostname,
             "--loglevel",
             "INFO",
             *self.args,
@@ -194,6 +238,7 @@ class EmbeddedWorker:
             self.proc = subprocess.Popen(
                 cmd,
                 env=env,
+                cwd=self.cwd,
                 stdout=fh,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -201,26 +246,81 @@ class EmbeddedWorker:
             )
         return self
 
+    def output(self) -> str:
+        """The worker's log so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
     def failed(self) -> str | None:
         """Why the worker exited (its own message and what to do), or None while it runs."""
         if self.proc is None or self.proc.poll() is None:
             return None
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        text = self.output()
         marker = text.rfind("imgq worker cannot start:")
         if marker >= 0:  # the worker's own explanation, with what to do
             return text[marker:].strip()
         return f"exit status {self.proc.returncode}; the end of its log:\n{text[-3000:]}"
 
-    def ready(self) -> bool:
-        """True once the worker has loaded its models and consumes."""
-        if not self.log_path.exists():
+    def ready(self, timeout: float = 1.0) -> bool:
+        """True once the worker answers a ping: its models are loaded and it consumes.
+
+        The worker starts its remote control after its task consumer, and loads its
+        models before either, so an answer means it takes tasks.
+        """
+        if self.proc is None or self.proc.poll() is not None:
             return False
-        return " ready." in self.log_path.read_text(errors="replace")
+        return ping(self.broker_url, self.node, timeout=timeout)
+
+    def wait_ready(self, timeout: float = 120) -> EmbeddedWorker:
+        """Wait until the worker answers a ping; EmbeddedError when it exits or times out."""
+        from shared.celery_app import create_app
+        from shared.settings import Settings
+
+        deadline = time.monotonic() + timeout
+        # One app for every ping; short pings, so readiness is seen within a fraction
+        # of a second.
+        app = create_app(Settings(broker_url=self.broker_url, result_backend=None))
+        try:
+            while not _answers(app, self.node, timeout=0.2):
+                failure = self.failed()
+                if failure is not None:
+                    raise EmbeddedError(f"worker exited ({failure})")
+                if time.monotonic() > deadline:
+                    raise EmbeddedError(
+                        f"worker not ready after {timeout:g} s; the end of its log:\n"
+                        f"{self.output()[-3000:]}"
+                    )
+                time.sleep(0.05)
+        finally:
+            app.close()
+        return self
 
     def stop(self, grace: float = 60) -> None:
         """Warm shutdown: the current batch finishes (or is returned), then the process exits."""
         _stop(self.proc, grace=grace)
         self.proc = None
+
+
+def ping(broker_url: str, node: str, *, timeout: float = 1.0) -> bool:
+    """True when the worker ``node`` answers a remote-control ping through ``broker_url``."""
+    from shared.celery_app import create_app
+    from shared.settings import Settings
+
+    app = create_app(Settings(broker_url=broker_url, result_backend=None))
+    try:
+        return _answers(app, node, timeout=timeout)
+    finally:
+        app.close()
+
+
+def _answers(app: Celery, node: str, *, timeout: float) -> bool:
+    """True when ``node`` answers ``app``'s ping within ``timeout`` seconds."""
+    from kombu.exceptions import OperationalError
+
+    try:
+        replies = app.control.ping(destination=[node], timeout=timeout, limit=1)
+    except (OSError, OperationalError, redis.exceptions.RedisError):  # no broker (yet)
+        return False
+    return any(node in reply for reply in replies or [])
 
 
 class LocalStack:
@@ -252,7 +352,7 @@ class LocalStack:
         from shared.broker_keys import UNACKED_INDEX_KEY, UNACKED_KEY, priority_queues_pattern
         from shared.registry import queue_for
 
-        client = redis.Redis(unix_socket_path=str(self.redis.socket))
+        client = self.redis.client()
         keys: list[bytes | str] = [UNACKED_KEY, UNACKED_INDEX_KEY]
         for model in models:
             queue = queue_for(model)

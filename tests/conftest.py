@@ -8,13 +8,15 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
+from producer.embedded import EmbeddedRedis, EmbeddedWorker
+from producer.embedded import redis_server_binary as embedded_binary
 from tests.browser import Browser, chromium_binary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,55 +49,16 @@ def free_port() -> int:
 def redis_server_binary() -> str:
     """A redis-server: the one on PATH (built with TLS on Debian), else the one that
     ``imgq run`` embeds."""
-    from producer.embedded import redis_server_binary as embedded_binary
-
     return shutil.which("redis-server") or embedded_binary()
 
 
-class RedisServer:
+class RedisServer(EmbeddedRedis):
     """A throwaway Redis on a free loopback port, data in its own folder."""
 
     def __init__(self, directory: Path, *, appendonly: bool = False) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.appendonly = appendonly
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        args = [
-            redis_server_binary(),
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(self.directory),
-            "--save",
-            "",
-            "--appendonly",
-            "yes" if self.appendonly else "no",
-        ]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return self
-            except redis.exceptions.ConnectionError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+        super().__init__(
+            directory, port=free_port(), appendonly=appendonly, binary=redis_server_binary()
+        )
 
 
 @pytest.fixture(scope="session")
@@ -158,38 +121,42 @@ def imgq_env(redis_url: str, models_dir: Path) -> dict[str, str]:
     return env
 
 
-class WorkerProcess:
-    """A real ``imgq worker`` process, logging to a file."""
+class WorkerProcess(EmbeddedWorker):
+    """A real ``imgq worker`` process of the tests, logging to a file; ``name`` is its
+    node name before the ``@``."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], log: Path, name: str) -> None:
-        self.proc = proc
-        self.log = log
+    def __init__(self, name: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.name = name
 
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
+    @property
+    def log(self) -> Path:
+        """The worker's log file."""
+        return self.log_path
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+    @property
+    def running(self) -> subprocess.Popen[bytes]:
+        """The process (started)."""
+        assert self.proc is not None, "the worker was not started"
+        return self.proc
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:  # type: ignore[override]
+        """Send ``sig`` and wait (then SIGKILL); the exit status. The process stays readable."""
+        proc = self.running
+        if proc.poll() is None:
+            proc.send_signal(sig)
             try:
-                self.proc.wait(timeout)
+                proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return int(self.proc.returncode)
+                proc.kill()
+                proc.wait(10)
+        return int(proc.returncode)
 
 
 def wait_ready(worker: WorkerProcess, timeout: float = 120) -> None:
-    """Wait until the worker logs that it is ready (models loaded, consuming)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if " ready." in worker.output():
-            return
-        if worker.proc.poll() is not None:
-            raise RuntimeError(f"worker exited ({worker.proc.returncode}):\n{worker.output()}")
-        time.sleep(0.2)
-    raise RuntimeError(f"worker not ready after {timeout} s:\n{worker.output()}")
+    """Wait until the worker answers a ping (models loaded, consuming); RuntimeError
+    when it exits first or takes longer than ``timeout``."""
+    worker.wait_ready(timeout)
 
 
 @pytest.fixture(scope="session")
@@ -208,15 +175,17 @@ def start_worker(
         args: tuple[str, ...] = (),
     ) -> WorkerProcess:
         node = name or f"w{len(started)}-{'-'.join(models)}"
-        log = logs / f"{node}.log"
-        cmd = [sys.executable, "-m", "producer.cli", "worker", "--hostname", f"{node}@%h", *args]
-        for m in models:
-            cmd += ["--model", m]
-        with open(log, "wb") as fh:
-            proc = subprocess.Popen(
-                cmd, cwd=ROOT, env={**imgq_env, **(env or {})}, stdout=fh, stderr=subprocess.STDOUT
-            )
-        worker = WorkerProcess(proc, log, node)
+        worker = WorkerProcess(
+            node,
+            models,
+            imgq_env["IMGQ_BROKER_URL"],
+            logs / f"{node}.log",
+            args=args,
+            env=env,
+            base_env=imgq_env,
+            hostname=f"{node}@%h",
+            cwd=ROOT,
+        ).start()
         started.append(worker)
         if wait:
             wait_ready(worker)

@@ -171,7 +171,8 @@ def test_input_that_kills_the_process_is_isolated_and_skipped(
     crashes = 0
     # A supervisor restarts the worker each time the poison input kills it.
     while not job.status().finished:
-        worker = start_worker("tabort", name=f"abort-{crashes}", env=FAST_REDELIVERY)
+        # Not waiting for a ping: the worker may die on its first task before it answers.
+        worker = start_worker("tabort", name=f"abort-{crashes}", env=FAST_REDELIVERY, wait=False)
         deadline = time.monotonic() + 120
         while worker.proc.poll() is None and not job.status().finished:
             assert time.monotonic() < deadline, worker.output()

@@ -10,8 +10,10 @@ from functools import lru_cache
 
 from shared.celery_app import create_app, job_store_for
 from shared.jobs import JobStore
+from workers.options import add_worker_options
 
 app = create_app(include=["workers.tasks", "workers.lifecycle"])
+add_worker_options(app)
 
 
 @lru_cache(maxsize=1)

@@ -1,7 +1,7 @@
 """Worker start and stop: load the models before anything is consumed, refuse fork.
 
-Which models a worker serves: ``IMGQ_WORKER_MODELS`` (``imgq worker --model`` sets
-it), else the model queues given with ``-Q imgq.<model>``. Either way the worker
+Which models a worker serves: its ``--model`` options (``workers.options``), else
+``IMGQ_WORKER_MODELS``, else the model queues given with ``-Q imgq.<model>``. Either way the worker
 consumes exactly the queues of the models it loaded.
 """
 
@@ -15,8 +15,9 @@ from typing import Any
 from celery.signals import celeryd_after_setup, worker_init, worker_shutdown
 
 from shared.registry import model_from_queue, queue_for
-from shared.settings import get_settings
+from shared.settings import Settings, get_settings
 from workers.classifier import ModelLoadError
+from workers.options import worker_options
 from workers.runtime import Runtime
 from workers.state import get_runtime, set_runtime
 
@@ -25,8 +26,12 @@ log = logging.getLogger(__name__)
 FORK_POOLS = {"prefork", "processes"}
 
 
-def _models_for(worker: Any) -> list[str]:
-    settings = get_settings()
+def _settings() -> Settings:
+    """This worker's settings: the environment's, with its command-line options applied."""
+    return worker_options().apply(get_settings())
+
+
+def _models_for(worker: Any, settings: Settings) -> list[str]:
     queues = worker.app.amqp.queues
     if settings.worker_models:
         models = list(dict.fromkeys(settings.worker_models))
@@ -65,7 +70,8 @@ def load_models(sender: Any = None, instance: Any = None, **_: Any) -> None:
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        runtime = Runtime.start(_models_for(instance), get_settings())
+        settings = _settings()
+        runtime = Runtime.start(_models_for(instance, settings), settings)
     except ModelLoadError as exc:
         _fail(str(exc))
     set_runtime(runtime)

@@ -37,14 +37,18 @@ WORKDIR /app
 # Dependencies first, in their own layer, so that editing the source does not
 # reinstall TensorFlow. They are read from pyproject.toml (the project's
 # dependencies plus its `worker` extra, with TF_PACKAGE in place of
-# tensorflow-cpu), so the bounds are written in one place only.
+# tensorflow-cpu, and the extras named in IMAGE_EXTRAS: `report` so that
+# `imgq report` works in the image), so the bounds are written in one place only.
+ARG IMAGE_EXTRAS="report"
 COPY pyproject.toml ./
 RUN python -c "import os, sys, tomllib; \
 p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 tf, w = os.environ['TF_PACKAGE'], p['optional-dependencies']['worker']; \
 any(r.startswith('tensorflow-cpu') for r in w) or sys.exit('no tensorflow-cpu in the worker extra'); \
 print('\\n'.join(p['dependencies'] + [tf + r[len('tensorflow-cpu'):] \
-    if r.startswith('tensorflow-cpu') else r for r in w]))" > /tmp/requirements.txt
+    if r.startswith('tensorflow-cpu') else r for r in w] \
+    + [r for e in os.environ['IMAGE_EXTRAS'].split() for r in p['optional-dependencies'][e]]))" \
+    > /tmp/requirements.txt
 RUN cat /tmp/requirements.txt && pip install -r /tmp/requirements.txt
 
 # The project itself (no dependencies left to resolve).

@@ -409,27 +409,32 @@ def run(
 def _write_reports(
     client: Client, job: Job, html: Path | None, png_dir: Path | None, page_size: int = 100
 ) -> None:
-    from producer.report import model_info, write_html_report, write_png_reports
+    try:
+        from producer.report import model_info, write_html_report, write_png_reports
 
-    activations, label_sets = model_info(client.registry())
-    records = job.results()
-    if html is not None:
-        stats = write_html_report(
-            records,
-            html,
-            activations=activations,
-            label_sets=label_sets,
-            page_size=page_size,
-            title=f"imgq job {job.job_id}",
-        )
-        click.echo(
-            f"wrote report {html}: {stats.images} images, {stats.pages} page(s), "
-            f"{stats.size_bytes / 1e6:.1f} MB",
-            err=True,
-        )
-    if png_dir is not None:
-        paths = write_png_reports(records, png_dir, activations=activations)
-        click.echo(f"wrote {len(paths)} PNG charts to {png_dir}", err=True)
+        activations, label_sets = model_info(client.registry())
+        records = job.results()
+        if html is not None:
+            stats = write_html_report(
+                records,
+                html,
+                activations=activations,
+                label_sets=label_sets,
+                page_size=page_size,
+                title=f"imgq job {job.job_id}",
+            )
+            click.echo(
+                f"wrote report {html}: {stats.images} images, {stats.pages} page(s), "
+                f"{stats.size_bytes / 1e6:.1f} MB",
+                err=True,
+            )
+        if png_dir is not None:
+            paths = write_png_reports(records, png_dir, activations=activations)
+            click.echo(f"wrote {len(paths)} PNG charts to {png_dir}", err=True)
+    except ImportError as exc:  # Jinja2 or matplotlib missing: the `report` extra
+        raise click.ClickException(
+            f"reports need the report extra: pip install 'imgq[report]' ({exc})"
+        ) from exc
 
 
 @main.command()

@@ -68,3 +68,12 @@ def test_report_of_a_real_job(
 
     none = run_cli(["report", job.job_id], imgq_env)
     assert none.returncode == 2 and "--out" in none.stderr
+
+    # Without the `report` extra (Jinja2 hidden from the interpreter): one line, exit 1.
+    blocker = tmp_path / "no_jinja"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['jinja2'] = None\n")
+    env = {**imgq_env, "PYTHONPATH": f"{blocker}:{imgq_env.get('PYTHONPATH', '')}"}
+    missing = run_cli(["report", job.job_id, "--out", str(tmp_path / "x.html")], env)
+    assert missing.returncode == 1, missing.stderr
+    assert "imgq[report]" in missing.stderr and "Traceback" not in missing.stderr

@@ -40,6 +40,17 @@ def test_shared_imports_neither_producer_nor_workers() -> None:
     assert {path: names for path, names in wrong.items() if names} == {}
 
 
+def test_only_the_workers_import_tensorflow() -> None:
+    users = {
+        path
+        for package in ("shared", "producer")
+        for path, names in imported_modules(package).items()
+        if any(under(n, "tensorflow") or under(n, "tensorflow_hub") for n in names)
+    }
+    assert users == set()
+    assert any("tensorflow" in names for names in imported_modules("workers").values())
+
+
 def test_image_input_is_imported_by_the_workers_alone() -> None:
     users = {
         path

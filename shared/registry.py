@@ -17,6 +17,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from shared.labels import BUILTIN_LABEL_SETS
+from shared.modes import DecodeMode, Precision, RuntimeKind
 from shared.settings import BATCH_SIZE_BOUNDS, MAX_BATCH_DELAY_MS_BOUNDS
 
 MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_]*$")
@@ -48,6 +49,9 @@ class ModelSpec:
     description: str = ""
     batch_size: int | None = None  # overrides IMGQ_BATCH_SIZE for this model
     max_batch_delay_ms: float | None = None  # overrides IMGQ_MAX_BATCH_DELAY_MS
+    precision: Precision | None = None  # overrides IMGQ_PRECISION
+    runtime: RuntimeKind | None = None  # overrides IMGQ_RUNTIME
+    decode: DecodeMode | None = None  # overrides IMGQ_DECODE
 
     @property
     def queue(self) -> str:
@@ -113,6 +117,9 @@ class ModelEntry(BaseModel):
         ]
         | None
     ) = None
+    precision: Precision | None = None
+    runtime: RuntimeKind | None = None
+    decode: DecodeMode | None = None
 
 
 class ModelsFile(BaseModel):
@@ -132,6 +139,14 @@ _EXPECTED = {
     "description": "description must be a string",
     "batch_size": "batch_size must be an integer in {}..{}".format(*BATCH_SIZE_BOUNDS),
     "max_batch_delay_ms": "max_batch_delay_ms must be in {}..{}".format(*MAX_BATCH_DELAY_MS_BOUNDS),
+    **{
+        key: f"{key} must be one of {', '.join(m.value for m in enum)}"
+        for key, enum in (
+            ("precision", Precision),
+            ("runtime", RuntimeKind),
+            ("decode", DecodeMode),
+        )
+    },
 }
 
 
@@ -193,6 +208,9 @@ def _apply(name: str, entry: ModelEntry, base: ModelSpec | None, base_dir: Path)
         changes["batch_size"] = entry.batch_size
     if entry.max_batch_delay_ms is not None:
         changes["max_batch_delay_ms"] = float(entry.max_batch_delay_ms)
+    for key in ("precision", "runtime", "decode"):
+        if getattr(entry, key) is not None:
+            changes[key] = getattr(entry, key)
     return replace(spec, **changes)
 
 

@@ -9,6 +9,8 @@ from typing import Annotated
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from shared.modes import DecodeMode, Precision, RuntimeKind
+
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 # Bounds a models file's per-model overrides (shared.registry) share with these settings.
 BATCH_SIZE_BOUNDS = (1, 4096)
@@ -79,7 +81,26 @@ class Settings(BaseSettings):
     )
     jit_compile: bool = Field(False, description="Compile the model call with XLA.")
     mixed_precision: bool = Field(
-        False, description="Let TensorFlow run float32 graphs in float16 on GPUs (Tensor Cores)."
+        False, description="Older name for IMGQ_PRECISION=fp16 (when IMGQ_PRECISION is unset)."
+    )
+    precision: Precision = Field(
+        Precision.FP32,
+        description=(
+            "Default precision of a worker's models: fp32, bf16 (CPUs with AMX or "
+            "AVX512-BF16), fp16 (GPUs) or auto (the fastest the device runs natively)."
+        ),
+    )
+    runtime: RuntimeKind = Field(
+        RuntimeKind.TENSORFLOW,
+        description="Default runtime of a worker's models: tensorflow or openvino (CPU).",
+    )
+    decode: DecodeMode = Field(
+        DecodeMode.FAST,
+        description="JPEG decoding: fast (DCT downscaling) or exact (full decode, then resize).",
+    )
+    openvino_cache_dir: Path = Field(
+        Path("~/.cache/imgq/openvino"),
+        description="Where models converted for OpenVINO are kept, so a restart reuses them.",
     )
     decode_threads: int = Field(4, ge=1, le=256, description="Threads decoding images.")
     allowed_roots: Annotated[list[Path], NoDecode] = Field(
@@ -118,6 +139,13 @@ class Settings(BaseSettings):
                 if key in data:
                     data[key] = _split_csv(data[key])
         return data
+
+    @model_validator(mode="after")
+    def _mixed_precision_is_fp16(self) -> Settings:
+        # IMGQ_MIXED_PRECISION=true predates IMGQ_PRECISION; an explicit precision wins.
+        if self.mixed_precision and "precision" not in self.model_fields_set:
+            self.precision = Precision.FP16
+        return self
 
     @property
     def backend_url(self) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shared.modes import Precision
 from shared.registry import Activation, ModelSpec, load_registry
 from tests.conftest import TEST_MODELS
 from tests.savedmodels import build_classifier, direct_scores
@@ -157,18 +158,20 @@ def test_xla_falls_back_when_the_model_cannot_compile(models_dir: Path) -> None:
     np.testing.assert_array_equal(clf.predict(images).indices, plain.predict(images).indices)
 
 
-def test_mixed_precision_switch_keeps_results_on_cpu(models_dir: Path) -> None:
-    import tensorflow as tf
-
-    from workers.classifier import configure_devices
+def test_fp16_switch_keeps_results_on_cpu(models_dir: Path) -> None:
+    """The GPU's float16 rewrite, on the CPU: on for the model's calls, same top-5."""
+    from workers.runtimes.tensorflow import call_options
 
     spec = spec_for(models_dir, "t1001")
     before = Classifier(spec, max_batch_size=2).load().predict(random_images(2, seed=5))
-    try:
-        configure_devices(memory_growth=True, mixed_precision=True)
-        assert tf.config.optimizer.get_experimental_options().get("auto_mixed_precision")
-        after = Classifier(spec, max_batch_size=2).load().predict(random_images(2, seed=5))
-    finally:
-        tf.config.optimizer.set_experimental_options({"auto_mixed_precision": False})
+    fp16 = Classifier(spec, max_batch_size=2, precision=Precision.FP16).load()
+    after = fp16.predict(random_images(2, seed=5))
+    from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
+
+    config = call_options(Precision.FP16).config_proto_serialized
+
+    rewrites = config_pb2.ConfigProto.FromString(config).graph_options.rewrite_options
+    assert rewrites.auto_mixed_precision == rewriter_config_pb2.RewriterConfig.ON
+    assert fp16.backend is not None and fp16.backend.precision is Precision.FP16
     np.testing.assert_array_equal(before.indices, after.indices)
     np.testing.assert_allclose(before.scores, after.scores, rtol=1e-3)

@@ -33,8 +33,8 @@ def test_fast_path_is_taken_for_plain_jpegs(monkeypatch: pytest.MonkeyPatch) -> 
     calls = []
     real = decoding._decode_jpeg_fast
 
-    def spy(*args: object) -> object:
-        out = real(*args)  # type: ignore[arg-type]
+    def spy(*args: object, **kwargs: object) -> object:
+        out = real(*args, **kwargs)  # type: ignore[arg-type]
         calls.append(out is not None)
         return out
 

@@ -1,30 +1,30 @@
 """A model's lifecycle apart from Celery: load once, warm up, then ``predict`` batches.
 
 Loads any TF2 SavedModel that follows TF Hub's image-classification convention:
-float32 ``[batch, height, width, 3]`` RGB in [0, 1] in, ``[batch, classes]`` out.
+float32 ``[batch, height, width, 3]`` RGB in [0, 1] in, ``[batch, classes]`` out,
+and runs it with a runtime of ``workers.runtimes`` (TensorFlow or OpenVINO) in the
+precision asked for.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
 
 import numpy as np
 
 from shared.labels import load_labels
-from shared.registry import Activation, ModelSpec
+from shared.modes import Precision, RuntimeKind
+from shared.registry import ModelSpec
+from workers.runtimes.base import Backend, ConversionError, ModelLoadError
+from workers.runtimes.tensorflow import TensorFlowBackend
 
 log = logging.getLogger(__name__)
 
 TOP_K = 5
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded or does not fit its registry record."""
 
 
 def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
@@ -45,14 +45,10 @@ def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
-def configure_devices(*, memory_growth: bool, mixed_precision: bool = False) -> list[str]:
-    """GPU memory growth and optional mixed precision (before any model loads); the GPUs."""
+def configure_devices(*, memory_growth: bool) -> list[str]:
+    """GPU memory growth (before any model loads); the GPUs TensorFlow sees."""
     import tensorflow as tf
 
-    if mixed_precision:
-        # Grappler's rewrite runs float32 graphs (any SavedModel) in float16 where
-        # it is safe, on GPUs with Tensor Cores; on a CPU it changes nothing.
-        tf.config.optimizer.set_experimental_options({"auto_mixed_precision": True})
     gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
         if memory_growth:
@@ -75,22 +71,15 @@ def _load_message(spec: ModelSpec, reason: str) -> str:
     )
 
 
-def _resolve_callable(obj: Any) -> Callable[[Any], Any]:
-    """The inference function: the SavedModel's ``__call__``, else its serving signature."""
-    if callable(obj):
-        return obj
-    signatures = getattr(obj, "signatures", {})
-    if "serving_default" in signatures:
-        return signatures["serving_default"]
-    raise ModelLoadError("the SavedModel is not callable and has no 'serving_default' signature")
-
-
 @dataclass
 class Predictions:
     """Top-k indices and activated scores for a batch of images."""
 
     indices: np.ndarray  # (n, k) int
     scores: np.ndarray  # (n, k) float
+
+
+DEFAULT_CACHE_DIR = Path("~/.cache/imgq/openvino")
 
 
 class Classifier:
@@ -103,111 +92,73 @@ class Classifier:
         max_batch_size: int,
         top_k: int = TOP_K,
         jit_compile: bool = False,
+        precision: Precision = Precision.FP32,
+        runtime: RuntimeKind = RuntimeKind.TENSORFLOW,
+        cache_dir: Path = DEFAULT_CACHE_DIR,
     ) -> None:
         self.spec = spec
         self.jit_compile = jit_compile
         self.max_batch_size = max_batch_size
         self.top_k = top_k
+        self.precision = precision
+        self.runtime = runtime  # the one asked for; backend.name is the one running
+        self.cache_dir = cache_dir
         self.labels: tuple[str, ...] = ()
         self.num_classes = 0
         self.buckets = batch_buckets(max_batch_size)
-        self._fn: Any = None
-        self._compiled: dict[int, Any] = {}
-        self._lock = threading.Lock()
+        self.backend: Backend | None = None
 
     # -- lifecycle ----------------------------------------------------------------
     def load(self) -> Classifier:
-        """Load the SavedModel, the labels, and check the output width; idempotent."""
-        import tensorflow as tf
-
+        """Load the model in its runtime, the labels, and check the output width; idempotent."""
         try:
             self.labels = load_labels(self.spec.labels, base_dir=self.spec.labels_base_dir)
         except ValueError as exc:
             raise ModelLoadError(f"model {self.spec.name!r}: {exc}") from exc
         try:
-            obj = self._load_savedmodel()
-            call = _resolve_callable(obj)
+            self.backend = self._load_backend()
         except ModelLoadError as exc:
             raise ModelLoadError(_load_message(self.spec, str(exc))) from exc
         except Exception as exc:
             raise ModelLoadError(_load_message(self.spec, f"{type(exc).__name__}: {exc}")) from exc
-        self._obj = obj  # keep the SavedModel's variables alive
-        height, width = self.spec.input_size
-        activation = self.spec.activation
-        top_k = self.top_k
-
-        def infer(images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-            out = call(images)
-            if isinstance(out, dict):
-                if len(out) != 1:
-                    raise ModelLoadError(f"the model returns several outputs: {sorted(out)}")
-                out = next(iter(out.values()))
-            logits = tf.cast(out, tf.float32)
-            width = tf.shape(logits)[-1]
-            # Rank on the raw outputs, then activate only the top k: both
-            # activations are monotonic, and this keeps classes apart that a
-            # float32 sigmoid would round to the same 1.0.
-            top = tf.math.top_k(logits, k=tf.minimum(top_k, width), sorted=True)
-            if activation is Activation.SOFTMAX:
-                lse = tf.math.reduce_logsumexp(logits, axis=-1, keepdims=True)
-                scores = tf.exp(top.values - lse)
-            elif activation is Activation.SIGMOID:
-                scores = tf.math.sigmoid(top.values)
-            else:
-                scores = top.values
-            return top.indices, scores, width
-
-        self._fn = infer
-        self._height, self._width = height, width
+        self._height, self._width = self.spec.input_size
         self._check_output()
         return self
 
-    def _load_savedmodel(self) -> Any:
-        import tensorflow as tf
+    def _load_backend(self) -> Backend:
+        if self.runtime is RuntimeKind.OPENVINO:
+            from workers.runtimes.openvino import OpenVINOBackend, import_openvino
 
-        handle = self.spec.handle
-        if "://" not in handle:
-            if not os.path.isdir(handle):
-                raise ModelLoadError(f"no SavedModel directory at {handle}")
-            return tf.saved_model.load(handle)
-        import tensorflow_hub as hub
-
-        # hub.load resolves TF Hub and Kaggle URLs through TFHUB_CACHE_DIR.
-        return hub.load(handle)
-
-    def _compiled_for(self, batch: int) -> Any:
-        fn = self._compiled.get(batch)
-        if fn is None:
-            import tensorflow as tf
-
-            with self._lock:
-                fn = self._compiled.get(batch)
-                if fn is None:
-                    spec = tf.TensorSpec([batch, self._height, self._width, 3], tf.float32)
-                    fn = tf.function(
-                        self._fn, input_signature=[spec], jit_compile=self.jit_compile or None
-                    )
-                    self._compiled[batch] = fn
-        return fn
+            import_openvino()  # a missing package is a load error, not a fallback
+            try:
+                return OpenVINOBackend(
+                    self.spec,
+                    top_k=self.top_k,
+                    precision=self.precision,
+                    max_batch_size=self.max_batch_size,
+                    cache_dir=self.cache_dir,
+                ).load()
+            except ConversionError as exc:
+                # Not every op has an OpenVINO conversion: the model still runs, in
+                # TensorFlow, with the same precision.
+                log.warning(
+                    "model %s: OpenVINO cannot convert it (%s); running it in TensorFlow",
+                    self.spec.name,
+                    exc,
+                )
+        return TensorFlowBackend(
+            self.spec, top_k=self.top_k, precision=self.precision, jit_compile=self.jit_compile
+        ).load()
 
     def _check_output(self) -> None:
         """Run the largest bucket once (tracing it) and compare the output width with the labels."""
+        assert self.backend is not None
         zeros = np.zeros((self.max_batch_size, self._height, self._width, 3), np.float32)
-        if self.jit_compile:
-            try:
-                self._compiled_for(self.max_batch_size)(zeros)
-            except Exception as exc:
-                # XLA compiles only some graphs (not every op has an XLA kernel):
-                # an opt-in speed-up, so the model runs without it rather than not at all.
-                log.warning(
-                    "model %s: XLA cannot compile this SavedModel (%s); running it without XLA",
-                    self.spec.name,
-                    str(exc).splitlines()[0][:300],
-                )
-                self.jit_compile = False
-                self._compiled.clear()
+        if isinstance(self.backend, TensorFlowBackend):
+            self.backend.check_xla(zeros)
+            self.jit_compile = self.backend.jit_compile
         try:
-            _, _, width = self._compiled_for(self.max_batch_size)(zeros)
+            _, _, width = self.backend(zeros)
         except Exception as exc:
             raise ModelLoadError(
                 _load_message(self.spec, f"a test call on a zero batch failed: {exc}")
@@ -233,5 +184,6 @@ class Classifier:
         if bucket > n:  # pad to a fixed shape so the graph is not traced again
             pad = np.zeros((bucket - n, *batch.shape[1:]), np.float32)
             batch = np.concatenate([batch, pad])
-        indices, scores, _ = self._compiled_for(bucket)(batch)
-        return Predictions(indices.numpy()[:n], scores.numpy()[:n])
+        assert self.backend is not None, "load() the classifier first"
+        indices, scores, _ = self.backend(batch)
+        return Predictions(indices[:n], scores[:n])

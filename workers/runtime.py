@@ -17,11 +17,13 @@ import httpx
 import numpy as np
 
 from shared.contract import ResultDict, error_result, ok_result
+from shared.modes import DecodeMode
 from shared.registry import ModelSpec, get_model, load_registry
 from shared.schemas import ErrorCode, ImageRef
 from shared.settings import Settings
 from workers.batcher import DynamicBatcher, TopK
 from workers.classifier import Classifier, ModelLoadError, configure_devices
+from workers.hardware import PrecisionError, detect, resolve_precision
 from workers.inputs import ImageError, ReadLimits, load_image
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ class Runtime:
     decode_pool: ThreadPoolExecutor
     decode_threads: int
     http: httpx.Client = field(default_factory=lambda: httpx.Client(follow_redirects=False))
+    exact_decode: set[str] = field(default_factory=set)  # models whose JPEGs are decoded in full
 
     @property
     def classifiers(self) -> dict[str, Classifier]:
@@ -86,10 +89,9 @@ class Runtime:
         os.environ["TFHUB_CACHE_DIR"] = str(cache)
         if any("://" in spec.handle for spec in specs):
             log.info("models from TF Hub are downloaded once into %s (TFHUB_CACHE_DIR)", cache)
-        gpus = configure_devices(
-            memory_growth=settings.memory_growth, mixed_precision=settings.mixed_precision
-        )
-        log.info("devices: %s", ", ".join(gpus) or "CPU only")
+        gpus = configure_devices(memory_growth=settings.memory_growth)
+        hardware = detect(gpus)
+        log.info("devices: %s", hardware.describe())
         batchers: dict[str, DynamicBatcher] = {}
         for spec in specs:
             batch = spec.batch_size or settings.batch_size
@@ -98,12 +100,30 @@ class Runtime:
                 if spec.max_batch_delay_ms is not None
                 else settings.max_batch_delay_ms
             )
+            runtime = spec.runtime or settings.runtime
+            requested = spec.precision or settings.precision
+            try:
+                precision = resolve_precision(requested, runtime, hardware, spec.name)
+            except PrecisionError as exc:
+                raise ModelLoadError(str(exc)) from None
             log.info("loading model %s from %s", spec.name, spec.handle)
-            clf = Classifier(spec, max_batch_size=batch, jit_compile=settings.jit_compile).load()
+            clf = Classifier(
+                spec,
+                max_batch_size=batch,
+                jit_compile=settings.jit_compile,
+                precision=precision,
+                runtime=runtime,
+                cache_dir=settings.openvino_cache_dir,
+            ).load()
             batchers[spec.name] = DynamicBatcher(clf, max_delay=delay_ms / 1000.0)
+            decode = spec.decode or settings.decode
+            backend = clf.backend
+            assert backend is not None
+            ran = backend.name + (" (converted model from the cache)" if backend.from_cache else "")
             log.info(
                 "model %s ready: %d classes, input %dx%d, activation %s, batches of up to %d "
-                "(waiting up to %g ms), fixed batch sizes %s",
+                "(waiting up to %g ms), fixed batch sizes %s; runtime %s, precision %s%s, "
+                "decode %s",
                 spec.name,
                 clf.num_classes,
                 *spec.input_size,
@@ -111,6 +131,10 @@ class Runtime:
                 batch,
                 delay_ms,
                 list(clf.buckets),
+                ran,
+                precision.value,
+                f" (asked: {requested.value})" if requested is not precision else "",
+                decode.value,
             )
         return cls(
             batchers=batchers,
@@ -121,6 +145,9 @@ class Runtime:
                 initializer=_lower_priority,
             ),
             decode_threads=settings.decode_threads,
+            exact_decode={
+                spec.name for spec in specs if (spec.decode or settings.decode) is DecodeMode.EXACT
+            },
         )
 
     def close(self) -> None:
@@ -130,9 +157,11 @@ class Runtime:
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
         self.http.close()
 
-    def _decode(self, ref: ImageRef, size: tuple[int, int]) -> np.ndarray | ImageError:
+    def _decode(
+        self, ref: ImageRef, size: tuple[int, int], exact: bool = False
+    ) -> np.ndarray | ImageError:
         try:
-            return load_image(ref.ref, size, self.limits, client=self.http)
+            return load_image(ref.ref, size, self.limits, client=self.http, exact=exact)
         except ImageError as exc:
             return exc
         except Exception as exc:  # a decoder bug must not fail the other images
@@ -140,7 +169,7 @@ class Runtime:
             return ImageError(ErrorCode.DECODE_FAILED, f"{type(exc).__name__}: {exc}")
 
     def _decode_many(
-        self, refs: Sequence[ImageRef], size: tuple[int, int]
+        self, refs: Sequence[ImageRef], size: tuple[int, int], exact: bool = False
     ) -> list[np.ndarray | ImageError]:
         """Decode images in order, in parallel where it pays.
 
@@ -149,14 +178,16 @@ class Runtime:
         decoding it, while big JPEGs decode in C without the GIL and run in parallel.
         """
         if any("://" in r.ref for r in refs):
-            return list(self.decode_pool.map(lambda r: self._decode(r, size), refs))
+            return list(self.decode_pool.map(lambda r: self._decode(r, size, exact), refs))
         parts = max(1, min(self.decode_threads, len(refs) // 8))
         if parts == 1:
-            return [self._decode(r, size) for r in refs]
+            return [self._decode(r, size, exact) for r in refs]
         bounds = [len(refs) * i // parts for i in range(parts + 1)]
         runs = [refs[bounds[i] : bounds[i + 1]] for i in range(parts)]
         out: list[np.ndarray | ImageError] = []
-        for run in self.decode_pool.map(lambda rs: [self._decode(r, size) for r in rs], runs):
+        for run in self.decode_pool.map(
+            lambda rs: [self._decode(r, size, exact) for r in rs], runs
+        ):
             out.extend(run)
         return out
 
@@ -180,10 +211,11 @@ class Runtime:
                 for ref in images
             ]
         size = batcher.classifier.spec.input_size
+        exact = model in self.exact_decode
         step = batcher.max_batch_size
         outcomes: list[ImageError | Future[TopK]] = []
         for start in range(0, len(images), step):
-            decoded = self._decode_many(images[start : start + step], size)
+            decoded = self._decode_many(images[start : start + step], size, exact)
             arrays = [d for d in decoded if not isinstance(d, ImageError)]
             futures = iter(batcher.submit(arrays))
             outcomes.extend(d if isinstance(d, ImageError) else next(futures) for d in decoded)

@@ -78,14 +78,19 @@ _CORRUPT_HINTS = (
 )
 
 
-def decode_image(data: bytes, size: tuple[int, int], *, max_pixels: int) -> npt.NDArray[np.float32]:
-    """Decode image bytes to float32 RGB of shape (height, width, 3) in [0, 1]."""
+def decode_image(
+    data: bytes, size: tuple[int, int], *, max_pixels: int, exact: bool = False
+) -> npt.NDArray[np.float32]:
+    """Decode image bytes to float32 RGB of shape (height, width, 3) in [0, 1].
+
+    ``exact``: decode JPEGs in full, then resize (no DCT-domain downscaling).
+    """
     height, width = _target_size(size)
     if not data:
         raise ImageError(ErrorCode.EMPTY_FILE, "the image data is empty (0 bytes)")
     try:
-        fast = _decode_jpeg_fast(data, height, width, max_pixels)
-        return fast if fast is not None else _decode(data, height, width, max_pixels)
+        fast = _decode_jpeg_fast(data, height, width, max_pixels, exact=exact)
+        return fast if fast is not None else _decode(data, height, width, max_pixels, exact)
     except (ImageError, MemoryError):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -105,7 +110,7 @@ def _target_size(size: tuple[int, int]) -> tuple[int, int]:
 
 
 def _decode_jpeg_fast(
-    data: bytes, height: int, width: int, max_pixels: int
+    data: bytes, height: int, width: int, max_pixels: int, *, exact: bool = False
 ) -> npt.NDArray[np.float32] | None:
     """Plain JPEGs straight through libjpeg-turbo (simplejpeg): header, DCT-domain
     downscale and decode in C, with little Python per image. None when the data is
@@ -126,10 +131,10 @@ def _decode_jpeg_fast(
         return None
     stored = _stored_size(height, width, orientation)
     try:
-        # Decoded at 1/2, 1/4 or 1/8 scale while staying >= the target size.
-        array = simplejpeg.decode_jpeg(
-            data, colorspace="RGB", min_width=stored[0], min_height=stored[1], strict=True
-        )
+        # Decoded at 1/2, 1/4 or 1/8 scale while staying >= the target size
+        # (exact: at full size).
+        scale = {} if exact else {"min_width": stored[0], "min_height": stored[1]}
+        array = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, **scale)
     except ValueError:
         return None
     if (array.shape[1], array.shape[0]) != stored or orientation != 1:
@@ -183,12 +188,15 @@ def _tiff_orientation(tiff: bytes) -> int | None:
     return 1
 
 
-def _decode(data: bytes, height: int, width: int, max_pixels: int) -> npt.NDArray[np.float32]:
+def _decode(
+    data: bytes, height: int, width: int, max_pixels: int, exact: bool = False
+) -> npt.NDArray[np.float32]:
     """Open, check, decode, convert, resize and orient one image."""
     with _open(data) as im:  # closing the file also frees im: finish inside the block
         if im.width * im.height > max_pixels:
             raise _bomb(im.size, max_pixels)
-        if im.format in _JPEG_FORMATS:  # JPEG EXIF is in the header: no decoding to read it
+        # JPEG EXIF is in the header: no decoding to read it.
+        if im.format in _JPEG_FORMATS and not exact:
             _draft(im, _stored_size(height, width, _orientation(im)))
         _load(im)
         orientation = _orientation(im)  # after load: PNG may keep EXIF after the pixel data

@@ -41,8 +41,13 @@ def read_source(ref: str, limits: ReadLimits, *, client: httpx.Client | None = N
 
 
 def load_image(
-    ref: str, size: tuple[int, int], limits: ReadLimits, *, client: httpx.Client | None = None
+    ref: str,
+    size: tuple[int, int],
+    limits: ReadLimits,
+    *,
+    client: httpx.Client | None = None,
+    exact: bool = False,
 ) -> npt.NDArray[np.float32]:
     """Read and decode one image reference: read_source then decode_image."""
     data = read_source(ref, limits, client=client)
-    return decode_image(data, size, max_pixels=limits.max_pixels)
+    return decode_image(data, size, max_pixels=limits.max_pixels, exact=exact)

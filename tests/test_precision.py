@@ -5,6 +5,7 @@ conversion cache and its fallback to TensorFlow."""
 from __future__ import annotations
 
 import logging
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,10 @@ from workers.runtimes.base import top_k
 HOST = detect()
 needs_bf16 = pytest.mark.skipif(
     not HOST.bf16, reason="this CPU has no AMX-BF16 / AVX512-BF16: bf16 is refused here"
+)
+
+needs_openvino = pytest.mark.skipif(
+    find_spec("openvino") is None, reason="the openvino extra is not installed"
 )
 
 SPR = Hardware("Xeon", frozenset({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}))
@@ -198,9 +203,9 @@ def fidelity(clf: Classifier, ref: Classifier, images: np.ndarray) -> tuple[floa
 @pytest.mark.parametrize(
     ("runtime", "precision"),
     [
-        (RuntimeKind.OPENVINO, Precision.FP32),
+        pytest.param(RuntimeKind.OPENVINO, Precision.FP32, marks=needs_openvino),
         pytest.param(RuntimeKind.TENSORFLOW, Precision.BF16, marks=needs_bf16),
-        pytest.param(RuntimeKind.OPENVINO, Precision.BF16, marks=needs_bf16),
+        pytest.param(RuntimeKind.OPENVINO, Precision.BF16, marks=[needs_bf16, needs_openvino]),
     ],
 )
 def test_fast_path_fidelity(
@@ -240,6 +245,7 @@ def test_precision_is_per_model_in_one_process(convertible: ModelSpec, images: n
     assert not np.array_equal(reduced.scores, after.scores)
 
 
+@needs_openvino
 def test_openvino_conversion_is_cached_on_disk(tmp_path: Path) -> None:
     from workers.runtimes.openvino import OpenVINOBackend
 
@@ -291,6 +297,7 @@ def test_openvino_conversion_is_cached_on_disk(tmp_path: Path) -> None:
     np.testing.assert_allclose(reloaded.predict(x).scores, tf_ref.predict(x).scores, atol=1e-5)
 
 
+@needs_openvino
 def test_openvino_falls_back_to_tensorflow_with_one_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

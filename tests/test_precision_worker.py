@@ -4,6 +4,7 @@ models file and the environment, the start-up lines, and the answers."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ def fast_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base
 
 
+@pytest.mark.skipif(find_spec("openvino") is None, reason="the openvino extra is not installed")
 def test_openvino_auto_precision_exact_decode_worker(
     start_worker: Callable[..., WorkerProcess],
     redis_url: str,

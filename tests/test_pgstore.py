@@ -203,12 +203,11 @@ def test_job_end_to_end_exports_sql_and_delete(
 
 
 def test_delete_with_the_redis_store_removes_results_and_records(
-    start_worker: Callable[..., WorkerProcess], imgq_env: dict[str, str], tmp_path: Path
+    shared_worker: WorkerProcess, imgq_env: dict[str, str], tmp_path: Path
 ) -> None:
     images = make_images(tmp_path / "imgs", 3, size=(40, 30))
-    worker = start_worker("tsolo", name="redis-delete")
     client = Client(Settings(**_settings(imgq_env, "redis")))
-    job = client.submit(images, models=["tsolo"], chunk_size=2)
+    job = client.submit(images, models=["t1001"], chunk_size=2)
     job.wait(progress=False, timeout=120)
     r = redis.Redis.from_url(imgq_env["IMGQ_BROKER_URL"])
     assert r.keys(f"*{job.job_id}*")
@@ -216,7 +215,6 @@ def test_delete_with_the_redis_store_removes_results_and_records(
     assert result.returncode == 0, result.stderr
     assert "2 result(s) from redis" in result.stderr
     assert not r.keys(f"*{job.job_id}*")
-    worker.stop()
 
 
 def test_worker_that_cannot_reach_its_store_does_not_consume(
@@ -265,7 +263,7 @@ def test_postgres_restart_mid_job(
     tmp_path: Path,
 ) -> None:
     url = own_postgres.url()
-    images = make_images(tmp_path / "imgs", 120, size=(40, 30))
+    images = make_images(tmp_path / "imgs", 80, size=(40, 30))
     worker = start_worker(
         "tfault",
         name="pg-restart",
@@ -281,12 +279,12 @@ def test_postgres_restart_mid_job(
     own_postgres.start()
     status = job.wait(progress=False, timeout=240)
     assert status.models["tfault"].as_dict() == {
-        "total": 120,
-        "done": 120,
+        "total": 80,
+        "done": 80,
         "failed": 0,
         "pending": 0,
     }
-    assert row_count(url, job.job_id) == 120
+    assert row_count(url, job.job_id) == 80
     records = job.results()
     assert sorted(r.image for r in records) == sorted(images)
     assert all(r.error is None for r in records)

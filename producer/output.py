@@ -14,7 +14,7 @@ from shared.schemas import ResultRecord
 Format = Literal["jsonl", "csv", "parquet"]
 TOP_K = 5
 # Records per Parquet row group: what the writer holds in memory at once.
-PARQUET_ROWS = 65536
+PARQUET_ROWS = 16384
 
 
 def csv_header() -> list[str]:

@@ -42,6 +42,10 @@ class ResultsStoreError(RuntimeError):
     """The results store is misconfigured or unreachable (one line, no password)."""
 
 
+class ResultsSchemaError(ResultsStoreError):
+    """The results table's schema is newer than this imgq: waiting cannot help."""
+
+
 class ResultsStore(Protocol):
     """Writes a chunk's records (workers) and reads a job's records back (producers)."""
 
@@ -394,7 +398,7 @@ class PostgresResultsStore:
             try:
                 ensure_schema(self._conn())
             except SchemaError as exc:
-                raise ResultsStoreError(f"results store {redact_url(self.url)}: {exc}") from None
+                raise ResultsSchemaError(f"results store {redact_url(self.url)}: {exc}") from None
             except ResultsStoreError:
                 raise
             except Exception as exc:
@@ -410,6 +414,8 @@ class PostgresResultsStore:
             try:
                 self.check()
                 return action(self._conn())
+            except ResultsSchemaError:
+                raise
             except Exception as exc:
                 cause: BaseException = exc
                 if isinstance(exc, ResultsStoreError):

@@ -118,7 +118,7 @@ class ClassifyTask(Task):
     max_retries=3,
 )
 def classify(
-    self: Task, job_id: str, model: str, chunk: int, images: list[list[str]]
+    self: Task, job_id: str, model: str, chunk: int, images: list[str | list[str]]
 ) -> list[ResultDict] | dict[str, Any]:
     """Classify one chunk of images with one model; one result record per image, returned
     (Redis results store) or written to the results store with a summary returned."""

@@ -41,6 +41,11 @@ def fast_redelivery_client(imgq_env: dict[str, str], results_url: str = "redis")
     )
 
 
+def sfx(results_url: str) -> str:
+    """A worker-name suffix per store: worker logs are kept per name, appended to."""
+    return "" if results_url == "redis" else "-pg"
+
+
 def store_client(imgq_env: dict[str, str], results_url: str, **settings: Any) -> Client:
     """A producer reading results from ``results_url``'s store."""
     return Client(
@@ -96,8 +101,12 @@ def test_worker_killed_mid_job_its_tasks_go_to_another(
     client = fast_redelivery_client(imgq_env, results_url)
     images = make_images(tmp_path / "imgs", 240)
     env = {**FAST_REDELIVERY, **SLOW, "IMGQ_RESULTS_URL": results_url}
-    a = start_worker("tfault", name="kill-a", env=env, args=("--concurrency", "2"))
-    b = start_worker("tfault", name="kill-b", env=env, args=("--concurrency", "2"))
+    a = start_worker(
+        "tfault", name=f"kill-a{sfx(results_url)}", env=env, args=("--concurrency", "2")
+    )
+    b = start_worker(
+        "tfault", name=f"kill-b{sfx(results_url)}", env=env, args=("--concurrency", "2")
+    )
     job = client.submit(images, models=["tfault"], chunk_size=2)
     kills = 0
     for _ in range(3):
@@ -114,7 +123,9 @@ def test_worker_killed_mid_job_its_tasks_go_to_another(
         kills += 1
         if job.status().finished:
             break
-        a = start_worker("tfault", name=f"kill-a{kills}", env=env, args=("--concurrency", "2"))
+        a = start_worker(
+            "tfault", name=f"kill-a{kills}{sfx(results_url)}", env=env, args=("--concurrency", "2")
+        )
     b.stop()  # the rest of the job, redelivered tasks included, goes to the last A
     status = job.wait(progress=False, timeout=240)
     assert kills >= 2
@@ -145,7 +156,9 @@ def test_redis_restart_mid_job(
             **FAST_REDELIVERY,
             **SLOW,
         }
-        worker = start_worker("tfault", name="restart", env=env, args=("--concurrency", "2"))
+        worker = start_worker(
+            "tfault", name=f"restart{sfx(results_url)}", env=env, args=("--concurrency", "2")
+        )
         images = make_images(tmp_path / "imgs", 200)
         client = store_client({**imgq_env, "IMGQ_BROKER_URL": server.url}, results_url)
         job = client.submit(images, models=["tfault"], chunk_size=2)
@@ -219,7 +232,7 @@ def test_input_that_kills_the_process_is_isolated_and_skipped(
         # Not waiting for a ping: the worker may die on its first task before it answers.
         worker = start_worker(
             "tabort",
-            name=f"abort-{crashes}",
+            name=f"abort-{crashes}{sfx(results_url)}",
             env={**FAST_REDELIVERY, "IMGQ_RESULTS_URL": results_url},
             wait=False,
         )
@@ -250,12 +263,16 @@ def test_sigterm_finishes_the_current_batch_and_loses_nothing(
     client = store_client(imgq_env, results_url)
     images = make_images(tmp_path / "imgs", 160)
     env = {**SLOW, "IMGQ_RESULTS_URL": results_url}
-    a = start_worker("tfault", name="term-a", env=env, args=("--concurrency", "2"))
+    a = start_worker(
+        "tfault", name=f"term-a{sfx(results_url)}", env=env, args=("--concurrency", "2")
+    )
     job = client.submit(images, models=["tfault"], chunk_size=4)
     wait_for(lambda: succeeded(a) >= 2, 120, "worker A to get going")
     a.proc.send_signal(signal.SIGTERM)
     assert a.proc.wait(60) == 0  # warm shutdown: the running tasks finish first
-    b = start_worker("tfault", name="term-b", env=env, args=("--concurrency", "2"))
+    b = start_worker(
+        "tfault", name=f"term-b{sfx(results_url)}", env=env, args=("--concurrency", "2")
+    )
     job.wait(progress=False, timeout=240)
     records = job.results()
     assert_exactly_once(records, images, ["tfault"], job)

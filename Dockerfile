@@ -38,8 +38,9 @@ WORKDIR /app
 # reinstall TensorFlow. They are read from pyproject.toml (the project's
 # dependencies plus its `worker` extra, with TF_PACKAGE in place of
 # tensorflow-cpu, and the extras named in IMAGE_EXTRAS: `report` so that
-# `imgq report` works in the image), so the bounds are written in one place only.
-ARG IMAGE_EXTRAS="report"
+# `imgq report` works in the image, `postgres` for the
+# PostgreSQL results store), so the bounds are written in one place only.
+ARG IMAGE_EXTRAS="report postgres"
 COPY pyproject.toml ./
 RUN python -c "import os, sys, tomllib; \
 p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \

@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(BIN)/python -m pip install -q -e '.[worker,embedded,report,dev,openvino]'
+	$(BIN)/python -m pip install -q -e '.[worker,embedded,report,postgres,parquet,dev,openvino]'
 	touch $@
 
 setup: $(VENV)/.installed

@@ -12,70 +12,28 @@ Tasks are sent by name; nothing here imports TensorFlow.
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Literal
 
 import redis
 from celery import Celery
-from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from producer.sources import expand_sources
 from shared.celery_app import CLASSIFY_TASK, create_app, job_store_for
 from shared.contract import ClassifyMessage, task_id
 from shared.jobs import JobRecord, JobStatus, JobStore, check_job_id, new_job_id
 from shared.registry import ModelSpec, get_model, load_registry, queue_for
-from shared.schemas import ErrorCode, ImageRef, ResultRecord, error_record
+from shared.results_store import ResultsStore, gc_paused, results_store_for
+from shared.schemas import ImageRef, ResultRecord
 from shared.settings import Settings, get_settings
 
-_MGET_BATCH = 500
 MIN_REFRESH_S = 0.05
 log = logging.getLogger(__name__)
 
 
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while building many objects at once.
-
-    Results are acyclic (reference counting frees them); without the pause,
-    collections triggered by the allocations traverse every record kept so far,
-    which made fetching 40,000 records six times slower.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 class JobTimeout(TimeoutError):
     """``wait`` ran out of time before the job finished."""
-
-
-@dataclass(frozen=True)
-class TaskOutcome:
-    """What the result backend holds for one task: its state and, when ready, its records."""
-
-    state: str
-    records: list[ResultRecord] | None = None
-    error: str | None = None
-
-
-class _SuccessMeta(BaseModel):
-    """A successful task's entry in the result backend (other keys ignored)."""
-
-    status: Literal["SUCCESS"]
-    result: list[ResultRecord]
-
-
-# Parsed and validated in one pass from the stored JSON bytes (pydantic-core).
-_SUCCESS = TypeAdapter(_SuccessMeta)
 
 
 class Client:
@@ -85,6 +43,7 @@ class Client:
         self.settings = settings or get_settings()
         self.app = app or create_app(self.settings)
         self._store: JobStore | None = None
+        self._results: ResultsStore | None = None
 
     @property
     def store(self) -> JobStore:
@@ -92,6 +51,15 @@ class Client:
         if self._store is None:
             self._store = job_store_for(self.app)
         return self._store
+
+    @property
+    def results_store(self) -> ResultsStore:
+        """Where the result records are (``IMGQ_RESULTS_URL``: Redis or PostgreSQL)."""
+        if self._results is None:
+            self._results = results_store_for(
+                self.settings.results_url, self.app.backend, self.store
+            )
+        return self._results
 
     def registry(self) -> dict[str, ModelSpec]:
         """The models known to this producer (built-ins and IMGQ_MODELS_FILE)."""
@@ -128,6 +96,8 @@ class Client:
         refs.extend(expand_sources(strings))
         if not refs:
             raise ValueError("no images to submit")
+        # A results store that cannot take the records fails the submit, not the job.
+        self.results_store.check()
         size = chunk_size or self.settings.chunk_size
         chunks = [refs[i : i + size] for i in range(0, len(refs), size)]
         jid = check_job_id(job_id) if job_id else new_job_id()
@@ -277,69 +247,16 @@ class Job:
             log.warning("job %s: Redis unreachable (%s); still waiting", self.job_id, exc)
             return last
 
-    def _outcomes(self, task_ids: Sequence[str]) -> list[TaskOutcome]:
-        backend = self.client.app.backend
-        out: list[TaskOutcome] = []
-        with _gc_paused():
-            self._fetch_outcomes(backend, task_ids, out)
-        return out
-
-    def _fetch_outcomes(
-        self, backend: Any, task_ids: Sequence[str], out: list[TaskOutcome]
-    ) -> None:
-        for start in range(0, len(task_ids), _MGET_BATCH):
-            batch = task_ids[start : start + _MGET_BATCH]
-            values = backend.mget([backend.get_key_for_task(t) for t in batch])
-            for value in values:
-                if value is None:
-                    out.append(TaskOutcome(state="PENDING"))
-                    continue
-                try:
-                    ok = _SUCCESS.validate_json(value)
-                except ValidationError:
-                    pass
-                else:
-                    out.append(TaskOutcome(state=ok.status, records=ok.result))
-                    continue
-                meta = backend.decode_result(value)
-                state = meta["status"]
-                if state == "SUCCESS":  # stored in a form the fast parse did not take
-                    records = [ResultRecord.model_validate(r) for r in meta["result"]]
-                    out.append(TaskOutcome(state=state, records=records))
-                elif state == "FAILURE":
-                    exc = meta.get("result")
-                    out.append(TaskOutcome(state=state, error=f"{type(exc).__name__}: {exc}"))
-                else:
-                    out.append(TaskOutcome(state=state))
-
     def iter_results(self) -> Iterator[ResultRecord]:
-        """Result records, chunk by chunk and model by model, for every finished task.
+        """Result records of every finished task, in submission order, read from the
+        results store in bounded batches.
 
         A task that failed for good yields a ``task_failed`` record for each of its
         images, so a finished job has exactly one record per image and model.
         """
-        models = self.record.models
-        n = self.record.n_chunks
-        for start in range(0, n, _MGET_BATCH):
-            stop = min(n, start + _MGET_BATCH)
-            ids = [task_id(self.job_id, m, i) for i in range(start, stop) for m in models]
-            outcomes = iter(self._outcomes(ids))
-            for index in range(start, stop):
-                for model in models:
-                    outcome = next(outcomes)
-                    if outcome.records is not None:
-                        yield from outcome.records
-                    elif outcome.state == "FAILURE":
-                        for ref in self.client.store.chunk(self.job_id, index):
-                            yield error_record(
-                                self.job_id,
-                                ref.src,
-                                model,
-                                ErrorCode.TASK_FAILED,
-                                f"the task failed after its retries: {outcome.error}",
-                            )
+        return self.client.results_store.iter_records(self.record)
 
     def results(self) -> list[ResultRecord]:
         """All result records available now (see :meth:`iter_results`)."""
-        with _gc_paused():
+        with gc_paused():
             return list(self.iter_results())

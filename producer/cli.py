@@ -15,7 +15,7 @@ import redis
 from kombu.utils.url import maybe_sanitize_url
 
 from producer.api import Client, Job, JobTimeout
-from producer.output import write_records
+from producer.output import write_parquet, write_records
 from producer.runner import RunPlan
 from producer.runner import run as run_plan
 from producer.sources import SourceError
@@ -23,6 +23,7 @@ from shared import __version__
 from shared.defaults import bounds_of, default_of
 from shared.jobs import JobError, JobStatus
 from shared.registry import RegistryError
+from shared.results_store import ResultsStoreError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,7 +33,7 @@ def _user_errors() -> Iterator[None]:
     """Turn the errors a user can cause into one clear line and exit status 1."""
     try:
         yield
-    except (JobError, RegistryError, SourceError, ValueError) as exc:
+    except (JobError, RegistryError, SourceError, ValueError, ResultsStoreError) as exc:
         raise click.ClickException(str(exc)) from exc
     except redis.exceptions.ConnectionError as exc:
         from shared.settings import get_settings
@@ -54,10 +55,16 @@ def _format_for(path: str | None, fmt: str | None) -> str:
         return fmt
     if path and path.lower().endswith(".csv"):
         return "csv"
+    if path and path.lower().endswith(".parquet"):
+        return "parquet"
     return "jsonl"
 
 
 def _write_results(job: Job, out: str | None, fmt: str | None) -> int:
+    if _format_for(out, fmt) == "parquet":
+        if out in (None, "-"):
+            raise click.UsageError("--format parquet writes a file: give --out FILE.parquet")
+        return write_parquet(job.iter_results(), str(out))
     stream = _open_out(out)
     try:
         count = write_records(job.iter_results(), stream, _format_for(out, fmt))  # type: ignore[arg-type]
@@ -91,9 +98,9 @@ def _print_status(status: JobStatus, *, as_json: bool) -> None:
 format_option = click.option(
     "--format",
     "fmt",
-    type=click.Choice(["jsonl", "csv"]),
+    type=click.Choice(["jsonl", "csv", "parquet"]),
     default=None,
-    help="Results format (default: csv for a .csv file, else jsonl).",
+    help="Results format (default: from the file name, .csv or .parquet, else jsonl).",
 )
 
 
@@ -279,6 +286,44 @@ def results(job_id: str, out: str, fmt: str | None) -> None:
             click.echo(f"job {job_id} is not finished: {pending} image results pending", err=True)
         if out != "-":
             click.echo(f"wrote {count} records to {out}", err=True)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def delete(job_id: str, yes: bool) -> None:
+    """Delete a job: its results (PostgreSQL rows or Redis results) and its Redis records."""
+    from shared.jobs import check_job_id
+    from shared.results_store import PostgresResultsStore, delete_job_records
+
+    with _user_errors():
+        check_job_id(job_id)
+        client = Client()
+        store = client.results_store
+        try:
+            record = client.store.get(job_id)
+        except JobError:
+            record = None
+        if record is None and not store.keeps_records:
+            raise click.ClickException(
+                f"job {job_id!r} is unknown or has expired: nothing to delete"
+            )
+        if not yes:
+            click.confirm(f"delete job {job_id} and all its results?", abort=True, err=True)
+        if record is not None:
+            results = store.delete_job(record)
+            keys = delete_job_records(client.store, record)
+        elif isinstance(store, PostgresResultsStore):  # Redis records expired, rows stay
+            results = store.delete_rows(job_id)
+            keys = 0
+        else:
+            results = keys = 0
+        if record is None and results == 0:
+            raise click.ClickException(f"job {job_id!r} is unknown: nothing to delete")
+        click.echo(
+            f"deleted job {job_id}: {results} result(s) from {store.kind}, {keys} Redis key(s)",
+            err=True,
+        )
 
 
 def _print_table(job: Job, limit: int) -> None:

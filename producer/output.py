@@ -1,16 +1,20 @@
-"""Writes result records as JSONL (one record per line) or CSV (top-5 flattened)."""
+"""Writes result records as JSONL (one record per line), CSV (top-5 flattened) or
+Parquet (top-5 as a list of structs; pyarrow, the ``parquet`` extra)."""
 
 from __future__ import annotations
 
 import csv
 import json
 from collections.abc import Iterable
-from typing import Literal, TextIO
+from pathlib import Path
+from typing import Any, Literal, TextIO
 
 from shared.schemas import ResultRecord
 
-Format = Literal["jsonl", "csv"]
+Format = Literal["jsonl", "csv", "parquet"]
 TOP_K = 5
+# Records per Parquet row group: what the writer holds in memory at once.
+PARQUET_ROWS = 16384
 
 
 def csv_header() -> list[str]:
@@ -53,5 +57,56 @@ def write_records(records: Iterable[ResultRecord], out: TextIO, fmt: Format) -> 
             writer.writerow(csv_row(record))
             count += 1
     else:
-        raise ValueError(f"unknown format {fmt!r}")
+        raise ValueError(f"format {fmt!r} is not a text format")
+    return count
+
+
+def parquet_schema() -> Any:
+    """The Parquet columns: identity, error, and the top 5 as a list of structs."""
+    import pyarrow as pa
+
+    prediction = pa.struct([("index", pa.int32()), ("label", pa.string()), ("score", pa.float64())])
+    return pa.schema(
+        [
+            ("job_id", pa.string()),
+            ("image", pa.string()),
+            ("model", pa.string()),
+            ("top5", pa.list_(prediction)),
+            ("error_code", pa.string()),
+            ("error_message", pa.string()),
+        ]
+    )
+
+
+def write_parquet(records: Iterable[ResultRecord], path: str | Path) -> int:
+    """Write every record to a Parquet file, ``PARQUET_ROWS`` at a time; how many."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError("--format parquet needs pyarrow: pip install 'imgq[parquet]'") from None
+    schema = parquet_schema()
+    count = 0
+    with pq.ParquetWriter(str(path), schema, compression="zstd") as writer:
+        cols: dict[str, list[object]] = {name: [] for name in schema.names}
+
+        def flush() -> None:
+            writer.write_table(pa.Table.from_pydict(cols, schema=schema))
+            for values in cols.values():
+                values.clear()
+
+        for record in records:
+            cols["job_id"].append(record.job_id)
+            cols["image"].append(record.image)
+            cols["model"].append(record.model)
+            cols["top5"].append(
+                [{"index": p.index, "label": p.label, "score": p.score} for p in record.top5]
+            )
+            cols["error_code"].append(record.error.code.value if record.error else None)
+            cols["error_message"].append(record.error.message if record.error else None)
+            count += 1
+            if count % PARQUET_ROWS == 0:
+                flush()
+        if count % PARQUET_ROWS or count == 0:
+            flush()
     return count

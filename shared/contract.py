@@ -4,7 +4,7 @@ answers, defined once for the producer, the job records and the workers.
 - **Task id**: ``<job>.<model>.<chunk>`` (:func:`task_id`, :func:`parse_task_id`).
   Derived, so a task sent or delivered twice has one id, one result, one count.
 - **Task message**: :class:`ClassifyMessage`. On the wire it is the Celery task's
-  positional arguments ``[job_id, model, chunk, [[src, ref], ...]]``
+  positional arguments ``[job_id, model, chunk, [path or [src, ref], ...]]``
   (:meth:`ClassifyMessage.to_args`); the image list alone is also how a job's
   chunks are kept in Redis (:func:`encode_images`, :func:`decode_images`).
 - **Result record**: :class:`ResultDict`, one per image and model, the JSON the
@@ -40,14 +40,25 @@ def parse_task_id(tid: str) -> tuple[str, str, int]:
     return job_id, model, int(chunk)
 
 
-def encode_images(refs: Iterable[ImageRef]) -> list[list[str]]:
-    """Image references as they travel: ``[[src, ref], ...]``."""
-    return [[r.src, r.ref] for r in refs]
+def encode_images(refs: Iterable[ImageRef]) -> list[str | list[str]]:
+    """Image references as they travel: the path alone when it is the source as given
+    (absolute paths, URLs), else ``[src, ref]``; half the bytes of messages and job
+    records for the usual case."""
+    return [r.ref if r.src == r.ref else [r.src, r.ref] for r in refs]
 
 
 def decode_images(items: Any) -> list[ImageRef]:
     """Image references from their wire form; TypeError or ValueError when malformed."""
-    return [ImageRef(src=src, ref=ref) for src, ref in items]
+    if not isinstance(items, list | tuple):
+        raise TypeError(f"the image list must be a list, not {type(items).__name__}")
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            out.append(ImageRef(src=item, ref=item))
+        else:
+            src, ref = item
+            out.append(ImageRef(src=src, ref=ref))
+    return out
 
 
 class ClassifyMessage(BaseModel):

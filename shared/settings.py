@@ -33,6 +33,13 @@ class Settings(BaseSettings):
     result_backend: str | None = Field(
         None, description="Celery result backend URL; defaults to the broker URL."
     )
+    results_url: str = Field(
+        "redis",
+        description=(
+            "Where result records live: 'redis' (Celery results, expiring) or a "
+            "postgresql:// URL (a table, kept until `imgq delete`)."
+        ),
+    )
     models_file: Path | None = Field(
         None, description="TOML file that adds or overrides models in the registry."
     )

@@ -19,6 +19,9 @@ from producer.embedded import EmbeddedRedis, EmbeddedWorker
 from producer.embedded import redis_server_binary as embedded_binary
 from tests.browser import Browser, chromium_binary
 
+# PostgreSQL fixtures (postgres_url, results_url) live in their own module.
+pytest_plugins = ["tests.pg"]
+
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(os.environ.get("IMGQ_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 

@@ -535,3 +535,20 @@ def test_keda_scales_the_worker_on_its_queue(k8s_docs: list[dict[str, Any]]) -> 
         assert auth in auths or "passwordFromEnv" in metadata
         queues.add(metadata["listName"])
     assert "imgq.resnet50" in queues
+
+
+def test_postgres_service_is_optional_local_and_keeps_its_data() -> None:
+    raw = yaml.safe_load(COMPOSE_FILE.read_text("utf-8"))
+    pg = raw["services"]["postgres"]
+    assert pg["profiles"] == ["postgres"]  # only with IMGQ_RESULTS_URL pointing at it
+    assert pg["environment"]["POSTGRES_PASSWORD"] == "${POSTGRES_PASSWORD:-}"
+    assert pg["ports"] == ["${POSTGRES_BIND:-127.0.0.1}:${POSTGRES_PORT:-5432}:5432"]
+    volume = pg["volumes"][0].split(":")
+    assert volume == ["postgres-data", "/var/lib/postgresql/data"]
+    assert "postgres-data" in raw["volumes"]
+    for name in WORKERS:
+        assert raw["services"][name]["environment"]["IMGQ_RESULTS_URL"] == (
+            "${IMGQ_RESULTS_URL:-redis}"
+        )
+    env = read_env_file(ENV_EXAMPLE)
+    assert env["IMGQ_RESULTS_URL"] == "redis" and env["POSTGRES_BIND"] == "127.0.0.1"

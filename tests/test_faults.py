@@ -18,6 +18,7 @@ from PIL import Image
 from producer.api import Client
 from shared.settings import Settings
 from tests.conftest import RedisServer, WorkerProcess, wait_ready
+from tests.pg import row_count
 
 pytestmark = pytest.mark.slow
 
@@ -28,13 +29,31 @@ FAST_REDELIVERY = {"IMGQ_VISIBILITY_TIMEOUT": "10"}
 SLOW = {"IMGQ_MAX_BATCH_DELAY_MS": "250"}
 
 
-def fast_redelivery_client(imgq_env: dict[str, str]) -> Client:
+def fast_redelivery_client(imgq_env: dict[str, str], results_url: str = "redis") -> Client:
     """A producer that, like the workers here, counts on a 10 s visibility timeout."""
     return Client(
         Settings(
             broker_url=imgq_env["IMGQ_BROKER_URL"],
             models_file=imgq_env["IMGQ_MODELS_FILE"],
             visibility_timeout=10,
+            results_url=results_url,
+        )
+    )
+
+
+def sfx(results_url: str) -> str:
+    """A worker-name suffix per store: worker logs are kept per name, appended to."""
+    return "" if results_url == "redis" else "-pg"
+
+
+def store_client(imgq_env: dict[str, str], results_url: str, **settings: Any) -> Client:
+    """A producer reading results from ``results_url``'s store."""
+    return Client(
+        Settings(
+            broker_url=imgq_env["IMGQ_BROKER_URL"],
+            models_file=imgq_env["IMGQ_MODELS_FILE"],
+            results_url=results_url,
+            **settings,
         )
     )
 
@@ -49,10 +68,15 @@ def make_images(folder: Path, n: int, *, size: tuple[int, int] = (320, 240)) -> 
     return paths
 
 
-def assert_exactly_once(records: list[Any], images: list[str], models: list[str]) -> None:
+def assert_exactly_once(
+    records: list[Any], images: list[str], models: list[str], job: Any = None
+) -> None:
     counts = Counter((r.image, r.model) for r in records)
     assert set(counts) == {(i, m) for i in images for m in models}
     assert max(counts.values()) == 1
+    url = job.client.settings.results_url if job is not None else "redis"
+    if url != "redis":  # the table itself holds one row per image and model
+        assert row_count(url, job.job_id) == len(images) * len(models)
 
 
 def succeeded(worker: WorkerProcess) -> int:
@@ -68,14 +92,21 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def test_worker_killed_mid_job_its_tasks_go_to_another(
-    start_worker: Callable[..., WorkerProcess], imgq_env: dict[str, str], tmp_path: Path
+    start_worker: Callable[..., WorkerProcess],
+    imgq_env: dict[str, str],
+    tmp_path: Path,
+    results_url: str,
 ) -> None:
     # The producer knows the visibility timeout too: it resends a task lost on the way.
-    client = fast_redelivery_client(imgq_env)
+    client = fast_redelivery_client(imgq_env, results_url)
     images = make_images(tmp_path / "imgs", 240)
-    env = {**FAST_REDELIVERY, **SLOW}
-    a = start_worker("tfault", name="kill-a", env=env, args=("--concurrency", "2"))
-    b = start_worker("tfault", name="kill-b", env=env, args=("--concurrency", "2"))
+    env = {**FAST_REDELIVERY, **SLOW, "IMGQ_RESULTS_URL": results_url}
+    a = start_worker(
+        "tfault", name=f"kill-a{sfx(results_url)}", env=env, args=("--concurrency", "2")
+    )
+    b = start_worker(
+        "tfault", name=f"kill-b{sfx(results_url)}", env=env, args=("--concurrency", "2")
+    )
     job = client.submit(images, models=["tfault"], chunk_size=2)
     kills = 0
     for _ in range(3):
@@ -92,7 +123,9 @@ def test_worker_killed_mid_job_its_tasks_go_to_another(
         kills += 1
         if job.status().finished:
             break
-        a = start_worker("tfault", name=f"kill-a{kills}", env=env, args=("--concurrency", "2"))
+        a = start_worker(
+            "tfault", name=f"kill-a{kills}{sfx(results_url)}", env=env, args=("--concurrency", "2")
+        )
     b.stop()  # the rest of the job, redelivered tasks included, goes to the last A
     status = job.wait(progress=False, timeout=240)
     assert kills >= 2
@@ -103,7 +136,7 @@ def test_worker_killed_mid_job_its_tasks_go_to_another(
         "pending": 0,
     }
     records = job.results()
-    assert_exactly_once(records, images, ["tfault"])
+    assert_exactly_once(records, images, ["tfault"], job)
     assert all(r.error is None for r in records)
     assert succeeded(b) > 0
     a.stop()
@@ -113,13 +146,21 @@ def test_redis_restart_mid_job(
     imgq_env: dict[str, str],
     start_worker: Callable[..., WorkerProcess],
     tmp_path: Path,
+    results_url: str,
 ) -> None:
     server = RedisServer(tmp_path / "redis", appendonly=True).start()
     try:
-        env = {"IMGQ_BROKER_URL": server.url, **FAST_REDELIVERY, **SLOW}
-        worker = start_worker("tfault", name="restart", env=env, args=("--concurrency", "2"))
+        env = {
+            "IMGQ_BROKER_URL": server.url,
+            "IMGQ_RESULTS_URL": results_url,
+            **FAST_REDELIVERY,
+            **SLOW,
+        }
+        worker = start_worker(
+            "tfault", name=f"restart{sfx(results_url)}", env=env, args=("--concurrency", "2")
+        )
         images = make_images(tmp_path / "imgs", 200)
-        client = Client(Settings(broker_url=server.url, models_file=imgq_env["IMGQ_MODELS_FILE"]))
+        client = store_client({**imgq_env, "IMGQ_BROKER_URL": server.url}, results_url)
         job = client.submit(images, models=["tfault"], chunk_size=2)
         wait_for(lambda: succeeded(worker) >= 5, 120, "the job to start")
         server.stop()  # SIGTERM: Redis writes its append-only file and exits
@@ -128,7 +169,7 @@ def test_redis_restart_mid_job(
         status = job.wait(progress=False, timeout=300)
         assert status.finished
         records = job.results()
-        assert_exactly_once(records, images, ["tfault"])
+        assert_exactly_once(records, images, ["tfault"], job)
         assert all(r.error is None for r in records)
         assert worker.proc.poll() is None, "the worker must survive the restart"
         worker.stop()
@@ -137,32 +178,49 @@ def test_redis_restart_mid_job(
 
 
 def test_duplicate_delivery_counts_once(
-    shared_worker: WorkerProcess, client: Client, photos: Path
+    request: pytest.FixtureRequest,
+    imgq_env: dict[str, str],
+    photos: Path,
+    results_url: str,
 ) -> None:
+    if results_url == "redis":
+        model, worker = "t1001", request.getfixturevalue("shared_worker")
+    else:  # a worker of its own, writing to PostgreSQL
+        model = "tfault"
+        worker = request.getfixturevalue("start_worker")(
+            model, name="dup-pg", env={"IMGQ_RESULTS_URL": results_url}
+        )
+    client = store_client(imgq_env, results_url)
     sources = sorted(str(p) for p in photos.glob("*.jpg"))
-    job = client.submit(sources, models=["t1001"], chunk_size=2)
+    job = client.submit(sources, models=[model], chunk_size=2)
     job.wait(progress=False, timeout=120)
-    before = job.status().models["t1001"].as_dict()
+    before = job.status().models[model].as_dict()
     # The same tasks delivered again (a redelivery after a slow batch, a resume):
     for index in range(job.record.n_chunks):
-        job.send_chunk("t1001", index, client.store.chunk(job.job_id, index))
+        job.send_chunk(model, index, client.store.chunk(job.job_id, index))
     time.sleep(0.5)
     wait_for(
-        lambda: shared_worker.output().count(job.job_id) >= 4 * job.record.n_chunks,
+        lambda: worker.output().count(job.job_id) >= 4 * job.record.n_chunks,
         60,
         "the duplicates to run",
     )
     assert (
-        job.status().models["t1001"].as_dict()
+        job.status().models[model].as_dict()
         == before
         == {"total": 3, "done": 3, "failed": 0, "pending": 0}
     )
-    assert_exactly_once(job.results(), sources, ["t1001"])
+    assert_exactly_once(job.results(), sources, [model], job)
+    if results_url != "redis":
+        worker.stop()
 
 
 def test_input_that_kills_the_process_is_isolated_and_skipped(
-    start_worker: Callable[..., WorkerProcess], client: Client, tmp_path: Path
+    start_worker: Callable[..., WorkerProcess],
+    imgq_env: dict[str, str],
+    tmp_path: Path,
+    results_url: str,
 ) -> None:
+    client = store_client(imgq_env, results_url)
     images = make_images(tmp_path / "imgs", 6)
     white = tmp_path / "imgs" / "white.png"
     Image.new("RGB", (40, 40), (255, 255, 255)).save(white)
@@ -172,7 +230,12 @@ def test_input_that_kills_the_process_is_isolated_and_skipped(
     # A supervisor restarts the worker each time the poison input kills it.
     while not job.status().finished:
         # Not waiting for a ping: the worker may die on its first task before it answers.
-        worker = start_worker("tabort", name=f"abort-{crashes}", env=FAST_REDELIVERY, wait=False)
+        worker = start_worker(
+            "tabort",
+            name=f"abort-{crashes}{sfx(results_url)}",
+            env={**FAST_REDELIVERY, "IMGQ_RESULTS_URL": results_url},
+            wait=False,
+        )
         deadline = time.monotonic() + 120
         while worker.proc.poll() is None and not job.status().finished:
             assert time.monotonic() < deadline, worker.output()
@@ -184,26 +247,35 @@ def test_input_that_kills_the_process_is_isolated_and_skipped(
             worker.stop()
         assert crashes <= 3, "the crash loop must be bounded"
     assert crashes == 2  # once in a batch, once alone; then it is skipped
+    assert_exactly_once(job.results(), sources, ["tabort"], job)
     records = {r.image: r for r in job.results()}
-    assert len(records) == len(sources)
     assert records[str(white)].error is not None
     assert records[str(white)].error.code.value == "worker_crashed"
     assert all(records[s].error is None for s in images)
 
 
 def test_sigterm_finishes_the_current_batch_and_loses_nothing(
-    start_worker: Callable[..., WorkerProcess], client: Client, tmp_path: Path
+    start_worker: Callable[..., WorkerProcess],
+    imgq_env: dict[str, str],
+    tmp_path: Path,
+    results_url: str,
 ) -> None:
+    client = store_client(imgq_env, results_url)
     images = make_images(tmp_path / "imgs", 160)
-    a = start_worker("tfault", name="term-a", env=SLOW, args=("--concurrency", "2"))
+    env = {**SLOW, "IMGQ_RESULTS_URL": results_url}
+    a = start_worker(
+        "tfault", name=f"term-a{sfx(results_url)}", env=env, args=("--concurrency", "2")
+    )
     job = client.submit(images, models=["tfault"], chunk_size=4)
     wait_for(lambda: succeeded(a) >= 2, 120, "worker A to get going")
     a.proc.send_signal(signal.SIGTERM)
     assert a.proc.wait(60) == 0  # warm shutdown: the running tasks finish first
-    b = start_worker("tfault", name="term-b", env=SLOW, args=("--concurrency", "2"))
+    b = start_worker(
+        "tfault", name=f"term-b{sfx(results_url)}", env=env, args=("--concurrency", "2")
+    )
     job.wait(progress=False, timeout=240)
     records = job.results()
-    assert_exactly_once(records, images, ["tfault"])
+    assert_exactly_once(records, images, ["tfault"], job)
     assert all(r.error is None for r in records)
     # Nothing done twice: every task succeeded once, on one worker or the other.
     assert succeeded(a) + succeeded(b) == job.record.n_chunks

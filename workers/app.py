@@ -12,7 +12,7 @@ from shared.celery_app import create_app, job_store_for
 from shared.jobs import JobStore
 from workers.options import add_worker_options
 
-app = create_app(include=["workers.tasks", "workers.lifecycle"])
+app = create_app(include=["workers.tasks", "workers.lifecycle", "workers.results"])
 add_worker_options(app)
 
 

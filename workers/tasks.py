@@ -17,6 +17,7 @@ from shared.contract import ClassifyMessage, ResultDict, error_result, parse_tas
 from shared.jobs import AttemptStore
 from shared.schemas import ErrorCode, ImageRef
 from workers.app import app, job_store
+from workers.results import counts, results_store, store_records
 from workers.state import get_runtime
 
 log = logging.getLogger(__name__)
@@ -68,9 +69,9 @@ class ClassifyTask(Task):
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
         """Count the chunk's results (runs after the result backend has them)."""
-        failed = sum(1 for r in retval if r.get("error"))
+        ok, failed = counts(retval)
         patiently(
-            lambda: job_store().mark_finished(task_id, ok=len(retval) - failed, failed=failed),
+            lambda: job_store().mark_finished(task_id, ok=ok, failed=failed),
             f"recording task {task_id}",
         )
 
@@ -84,6 +85,14 @@ class ClassifyTask(Task):
         except Exception:
             images = kwargs.get("images") or (args[3] if len(args) > 3 else [])
             n = len(images) if isinstance(images, list) else 0
+        try:
+            if results_store().keeps_records:
+                # The store holds the records: the failure must land there first, or
+                # the chunk stays unfinished (a waiting producer sends it again).
+                _store_failed_chunk(task_id, exc)
+        except Exception:
+            log.exception("could not store the failure of task %s", task_id)
+            return
         try:
             patiently(
                 lambda: job_store().mark_finished(task_id, ok=0, failed=n),
@@ -109,9 +118,10 @@ class ClassifyTask(Task):
     max_retries=3,
 )
 def classify(
-    self: Task, job_id: str, model: str, chunk: int, images: list[list[str]]
-) -> list[ResultDict]:
-    """Classify one chunk of images with one model; one result record per image."""
+    self: Task, job_id: str, model: str, chunk: int, images: list[str | list[str]]
+) -> list[ResultDict] | dict[str, Any]:
+    """Classify one chunk of images with one model; one result record per image, returned
+    (Redis results store) or written to the results store with a summary returned."""
     message = parse_message(job_id, model, chunk, images)
     refs = list(message.images)
     tid = self.request.id
@@ -133,7 +143,21 @@ def classify(
         sum(1 for r in records if r.get("error")),
         f" (delivery {deliveries}, images one by one)" if crashes > 0 else "",
     )
-    return records
+    return store_records(job_id, model, chunk, records)
+
+
+def _store_failed_chunk(tid: str, exc: BaseException) -> None:
+    """``task_failed`` rows for every image of a chunk that failed for good."""
+    from shared.results_store import failed_chunk_records
+
+    job_id, model, chunk = parse_task_id(tid)
+    refs = job_store().chunk(job_id, chunk)
+    store_records(
+        job_id,
+        model,
+        chunk,
+        failed_chunk_records(job_id, model, refs, f"{type(exc).__name__}: {exc}"),
+    )
 
 
 def _classify_isolated(

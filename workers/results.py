@@ -1,0 +1,72 @@
+"""The worker's side of the results store: reach it before consuming, write a chunk's
+records into it, and say what the Celery result holds instead.
+
+With ``IMGQ_RESULTS_URL=redis`` the records are the task's Celery result, as they
+always were; with PostgreSQL they go into the results table and the Celery result
+is a summary (``{"ok": N, "failed": M, "stored": "postgresql"}``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
+
+from celery.signals import celeryd_after_setup
+
+from shared.contract import ResultDict
+from shared.results_store import ResultsStore, ResultsStoreError, results_store_for
+from shared.settings import get_settings
+from workers.app import app, job_store
+
+log = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=1)
+def results_store() -> ResultsStore:
+    """This worker's results store (``IMGQ_RESULTS_URL``)."""
+    return results_store_for(get_settings().results_url, app.backend, job_store())
+
+
+@lru_cache(maxsize=256)
+def _chunk_size(job_id: str) -> int:
+    return job_store().get(job_id).chunk_size
+
+
+def first_position(job_id: str, chunk: int) -> int:
+    """The job position of a chunk's first image (chunks are all ``chunk_size`` long)."""
+    return chunk * _chunk_size(job_id)
+
+
+def store_records(job_id: str, model: str, chunk: int, records: Sequence[ResultDict]) -> Any:
+    """Store a chunk's records; what the task returns (the records, or a summary)."""
+    store = results_store()
+    if not store.keeps_records:
+        return list(records)
+    store.write_chunk(job_id, model, first_position(job_id, chunk), records)
+    failed = sum(1 for r in records if r.get("error"))
+    return {"ok": len(records) - failed, "failed": failed, "stored": store.kind}
+
+
+def counts(retval: Any) -> tuple[int, int]:
+    """(ok, failed) from a task's return value, records or summary."""
+    if isinstance(retval, dict):
+        return int(retval["ok"]), int(retval["failed"])
+    failed = sum(1 for r in retval if r.get("error"))
+    return len(retval) - failed, failed
+
+
+@celeryd_after_setup.connect
+def check_results_store(**_: Any) -> None:
+    """Reach the results store (and create or migrate its schema) before consuming:
+    a worker that cannot store results must not take tasks."""
+    try:
+        store = results_store()
+        store.check()
+    except ResultsStoreError as exc:
+        log.critical("imgq worker cannot start: %s", exc)
+        print(f"imgq worker cannot start: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    log.info("imgq results store: %s", store.kind)

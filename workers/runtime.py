@@ -9,17 +9,20 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import httpx
 import numpy as np
+from prometheus_client import Histogram
 
 from shared.contract import ResultDict, error_result, ok_result
 from shared.registry import ModelSpec, get_model, load_registry
 from shared.schemas import ErrorCode, ImageRef
 from shared.settings import Settings
+from workers import metrics
 from workers.batcher import DynamicBatcher, TopK
 from workers.classifier import Classifier, ModelLoadError, configure_devices
 from workers.inputs import ImageError, ReadLimits, load_image
@@ -90,6 +93,7 @@ class Runtime:
             memory_growth=settings.memory_growth, mixed_precision=settings.mixed_precision
         )
         log.info("devices: %s", ", ".join(gpus) or "CPU only")
+        metrics.watch_devices(gpus)
         batchers: dict[str, DynamicBatcher] = {}
         for spec in specs:
             batch = spec.batch_size or settings.batch_size
@@ -100,6 +104,15 @@ class Runtime:
             )
             log.info("loading model %s from %s", spec.name, spec.handle)
             clf = Classifier(spec, max_batch_size=batch, jit_compile=settings.jit_compile).load()
+            if settings.warm_up:
+                seconds = clf.warm_up()
+                metrics.record_warmup(spec.name, seconds)
+                log.info(
+                    "model %s warmed up: batch sizes %s traced in %.2f s",
+                    spec.name,
+                    list(clf.buckets),
+                    seconds,
+                )
             batchers[spec.name] = DynamicBatcher(clf, max_delay=delay_ms / 1000.0)
             log.info(
                 "model %s ready: %d classes, input %dx%d, activation %s, batches of up to %d "
@@ -130,7 +143,10 @@ class Runtime:
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
         self.http.close()
 
-    def _decode(self, ref: ImageRef, size: tuple[int, int]) -> np.ndarray | ImageError:
+    def _decode(
+        self, ref: ImageRef, size: tuple[int, int], timer: Histogram | None = None
+    ) -> np.ndarray | ImageError:
+        start = time.perf_counter()
         try:
             return load_image(ref.ref, size, self.limits, client=self.http)
         except ImageError as exc:
@@ -138,9 +154,12 @@ class Runtime:
         except Exception as exc:  # a decoder bug must not fail the other images
             log.exception("unexpected error decoding %s", ref.src)
             return ImageError(ErrorCode.DECODE_FAILED, f"{type(exc).__name__}: {exc}")
+        finally:
+            if timer is not None:
+                timer.observe(time.perf_counter() - start)
 
     def _decode_many(
-        self, refs: Sequence[ImageRef], size: tuple[int, int]
+        self, refs: Sequence[ImageRef], size: tuple[int, int], timer: Histogram | None = None
     ) -> list[np.ndarray | ImageError]:
         """Decode images in order, in parallel where it pays.
 
@@ -149,14 +168,16 @@ class Runtime:
         decoding it, while big JPEGs decode in C without the GIL and run in parallel.
         """
         if any("://" in r.ref for r in refs):
-            return list(self.decode_pool.map(lambda r: self._decode(r, size), refs))
+            return list(self.decode_pool.map(lambda r: self._decode(r, size, timer), refs))
         parts = max(1, min(self.decode_threads, len(refs) // 8))
         if parts == 1:
-            return [self._decode(r, size) for r in refs]
+            return [self._decode(r, size, timer) for r in refs]
         bounds = [len(refs) * i // parts for i in range(parts + 1)]
         runs = [refs[bounds[i] : bounds[i + 1]] for i in range(parts)]
         out: list[np.ndarray | ImageError] = []
-        for run in self.decode_pool.map(lambda rs: [self._decode(r, size) for r in rs], runs):
+        for run in self.decode_pool.map(
+            lambda rs: [self._decode(r, size, timer) for r in rs], runs
+        ):
             out.extend(run)
         return out
 
@@ -181,9 +202,10 @@ class Runtime:
             ]
         size = batcher.classifier.spec.input_size
         step = batcher.max_batch_size
+        timer = batcher.metrics.decode_seconds if batcher.metrics else None
         outcomes: list[ImageError | Future[TopK]] = []
         for start in range(0, len(images), step):
-            decoded = self._decode_many(images[start : start + step], size)
+            decoded = self._decode_many(images[start : start + step], size, timer)
             arrays = [d for d in decoded if not isinstance(d, ImageError)]
             futures = iter(batcher.submit(arrays))
             outcomes.extend(d if isinstance(d, ImageError) else next(futures) for d in decoded)

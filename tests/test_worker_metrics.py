@@ -15,11 +15,14 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from producer.api import Client
+from shared.settings import Settings
 from tests.conftest import ROOT, WorkerProcess, free_port
 
 pytestmark = pytest.mark.slow
 
-MODEL = "t1001"
+# A model only the worker of this module serves (others in the session serve t1001).
+MODEL = "tmetrics"
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -38,19 +41,35 @@ def value(samples: dict[Any, float], name: str, **labels: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def metrics_worker(start_worker: Callable[..., WorkerProcess]) -> tuple[WorkerProcess, int]:
-    """A worker serving t1001 with its /metrics on a free loopback port."""
-    port = free_port()
-    worker = start_worker(
-        MODEL, name="metrics", env={"IMGQ_WORKER_METRICS_PORT": str(port), "IMGQ_BATCH_SIZE": "8"}
+def models_file(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models file with MODEL (the t1001 SavedModel under another name)."""
+    path = tmp_path_factory.mktemp("metrics-models") / "models.toml"
+    path.write_text(
+        f'[models.{MODEL}]\nhandle = "{models_dir / "t1001"}"\ninput_size = 32\n'
+        'labels = "imagenet1k-background"\n'
     )
-    return worker, port
+    return path
+
+
+@pytest.fixture(scope="module")
+def metrics_worker(
+    start_worker: Callable[..., WorkerProcess], models_file: Path
+) -> tuple[WorkerProcess, int]:
+    """A worker serving MODEL with its /metrics on a free loopback port."""
+    port = free_port()
+    env = {"IMGQ_WORKER_METRICS_PORT": str(port), "IMGQ_MODELS_FILE": str(models_file)}
+    return start_worker(MODEL, name="metrics", env=env), port
 
 
 def test_counters_match_the_job(
-    metrics_worker: tuple[WorkerProcess, int], client: Any, photos: Path, tmp_path: Path
+    metrics_worker: tuple[WorkerProcess, int],
+    imgq_env: dict[str, str],
+    models_file: Path,
+    photos: Path,
+    tmp_path: Path,
 ) -> None:
     _, port = metrics_worker
+    client = Client(Settings(broker_url=imgq_env["IMGQ_BROKER_URL"], models_file=models_file))
     before = scrape(port)
     good = sorted(str(p) for p in photos.glob("*.jpg"))
     empty = tmp_path / "empty.jpg"
@@ -103,12 +122,13 @@ def test_metrics_off_by_default(shared_worker: WorkerProcess) -> None:
 
 
 def test_port_in_use_stops_the_worker(
-    metrics_worker: tuple[WorkerProcess, int], start_worker: Callable[..., WorkerProcess]
+    metrics_worker: tuple[WorkerProcess, int],
+    start_worker: Callable[..., WorkerProcess],
+    models_file: Path,
 ) -> None:
     _, port = metrics_worker
-    worker = start_worker(
-        MODEL, name="metrics-clash", wait=False, env={"IMGQ_WORKER_METRICS_PORT": str(port)}
-    )
+    env = {"IMGQ_WORKER_METRICS_PORT": str(port), "IMGQ_MODELS_FILE": str(models_file)}
+    worker = start_worker(MODEL, name="metrics-clash", wait=False, env=env)
     deadline = time.monotonic() + 120
     while worker.running.poll() is None:
         assert time.monotonic() < deadline, "the worker did not stop"

@@ -129,6 +129,15 @@ class Settings(BaseSettings):
         description="Fetch URLs on loopback, private and link-local addresses (trusted networks).",
     )
     memory_growth: bool = Field(True, description="Allocate GPU memory as needed, not all at once.")
+    warm_up: bool = Field(
+        True, description="Trace every fixed batch size of each model before consuming."
+    )
+    worker_metrics_port: int = Field(
+        0, ge=0, le=65535, description="Port of a worker's Prometheus /metrics (0: off)."
+    )
+    worker_metrics_addr: str = Field(
+        "127.0.0.1", description="Address a worker's /metrics listens on (0.0.0.0: all)."
+    )
     tfhub_cache_dir: Path = Field(
         Path("~/.cache/imgq/tfhub"),
         validation_alias=AliasChoices("TFHUB_CACHE_DIR", "IMGQ_TFHUB_CACHE_DIR"),

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from workers import metrics
 from workers.classifier import Classifier
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ class TopK:
 class _Item:
     image: np.ndarray
     future: Future[TopK]
+    queued: float = 0.0  # perf_counter() when submitted (metrics on)
 
 
 class BatcherClosed(RuntimeError):
@@ -68,6 +70,7 @@ class DynamicBatcher:
         self.images = 0
         self.sizes: Counter[int] = Counter()  # batch size -> how many batches had it
         self.busy_s = 0.0  # time spent in model calls
+        self.metrics = metrics.for_model(classifier.spec.name)  # None: metrics off
         self._thread = threading.Thread(
             target=self._run, name=f"imgq-batcher-{classifier.spec.name}", daemon=True
         )
@@ -78,8 +81,9 @@ class DynamicBatcher:
         if self._closed:
             raise BatcherClosed(f"the batcher of {self.classifier.spec.name!r} is closed")
         futures: list[Future[TopK]] = []
+        now = time.perf_counter() if self.metrics else 0.0
         for image in images:
-            item = _Item(image, Future())
+            item = _Item(image, Future(), now)
             futures.append(item.future)
             self._queue.put(item)
         return futures
@@ -149,6 +153,8 @@ class DynamicBatcher:
         try:
             preds = self.classifier.predict([it.image for it in items])
         except Exception as exc:
+            if self.metrics:
+                self.metrics.failures.inc()
             if len(items) == 1:
                 items[0].future.set_exception(exc)
                 return
@@ -162,7 +168,10 @@ class DynamicBatcher:
             for item in items:
                 self._execute([item])
             return
-        self.busy_s += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        if self.metrics:
+            self.metrics.record_batch(len(items), start - items[0].queued, seconds)
+        self.busy_s += seconds
         self.batches += 1
         self.images += len(items)
         self.sizes[len(items)] += 1

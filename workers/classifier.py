@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,6 +171,21 @@ class Classifier:
                 f"{self.num_classes} classes but its label set {self.spec.labels!r} has "
                 f"{len(self.labels)} labels; fix 'labels' (or the handle) in IMGQ_MODELS_FILE"
             )
+
+    def warm_up(self) -> float:
+        """Trace and run every fixed batch size once (the largest was at load); the seconds.
+
+        Without it, the first partial batch of each size pays for tracing the graph
+        (from milliseconds for a small model to seconds for a large one).
+        """
+        assert self.backend is not None, "load() the classifier first"
+        start = time.perf_counter()
+        for bucket in self.buckets:
+            zeros = np.zeros((bucket, self._height, self._width, 3), np.float32)
+            # Twice: the first call after tracing still sets up the kernels.
+            for _ in range(2):
+                self.backend(zeros)
+        return time.perf_counter() - start
 
     # -- inference ------------------------------------------------------------------
     def predict(self, images: np.ndarray | Sequence[np.ndarray]) -> Predictions:

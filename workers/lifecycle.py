@@ -16,6 +16,7 @@ from celery.signals import celeryd_after_setup, worker_init, worker_shutdown
 
 from shared.registry import model_from_queue, queue_for
 from shared.settings import Settings, get_settings
+from workers import metrics
 from workers.classifier import ModelLoadError
 from workers.options import worker_options
 from workers.runtime import Runtime
@@ -71,6 +72,7 @@ def load_models(sender: Any = None, instance: Any = None, **_: Any) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
         settings = _settings()
+        _serve_metrics(settings)
         runtime = Runtime.start(_models_for(instance, settings), settings)
     except ModelLoadError as exc:
         _fail(str(exc))
@@ -85,6 +87,18 @@ def load_models(sender: Any = None, instance: Any = None, **_: Any) -> None:
         ", ".join(runtime.classifiers),
         ", ".join(instance.app.amqp.queues.consume_from),
     )
+
+
+def _serve_metrics(settings: Settings) -> None:
+    """Serve /metrics when a port is set; before the models load, so that a port in
+    use stops the worker at once."""
+    if not settings.worker_metrics_port:
+        return
+    addr, port = settings.worker_metrics_addr, settings.worker_metrics_port
+    try:
+        metrics.serve(addr, port)
+    except OSError as exc:
+        _fail(f"cannot serve metrics on {addr}:{port} (IMGQ_WORKER_METRICS_PORT): {exc}")
 
 
 @worker_shutdown.connect

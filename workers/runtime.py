@@ -9,18 +9,21 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import httpx
 import numpy as np
+from prometheus_client import Histogram
 
 from shared.contract import ResultDict, error_result, ok_result
 from shared.modes import DecodeMode
 from shared.registry import ModelSpec, get_model, load_registry
 from shared.schemas import ErrorCode, ImageRef
 from shared.settings import Settings
+from workers import metrics
 from workers.batcher import DynamicBatcher, TopK
 from workers.classifier import Classifier, ModelLoadError, configure_devices
 from workers.hardware import PrecisionError, detect, resolve_precision
@@ -92,6 +95,7 @@ class Runtime:
         gpus = configure_devices(memory_growth=settings.memory_growth)
         hardware = detect(gpus)
         log.info("devices: %s", hardware.describe())
+        metrics.watch_devices(gpus)
         batchers: dict[str, DynamicBatcher] = {}
         for spec in specs:
             batch = spec.batch_size or settings.batch_size
@@ -115,6 +119,15 @@ class Runtime:
                 runtime=runtime,
                 cache_dir=settings.openvino_cache_dir,
             ).load()
+            if settings.warm_up:
+                seconds = clf.warm_up()
+                metrics.record_warmup(spec.name, seconds)
+                log.info(
+                    "model %s warmed up: batch sizes %s traced in %.2f s",
+                    spec.name,
+                    list(clf.buckets),
+                    seconds,
+                )
             batchers[spec.name] = DynamicBatcher(clf, max_delay=delay_ms / 1000.0)
             decode = spec.decode or settings.decode
             backend = clf.backend
@@ -158,8 +171,13 @@ class Runtime:
         self.http.close()
 
     def _decode(
-        self, ref: ImageRef, size: tuple[int, int], exact: bool = False
+        self,
+        ref: ImageRef,
+        size: tuple[int, int],
+        exact: bool = False,
+        timer: Histogram | None = None,
     ) -> np.ndarray | ImageError:
+        start = time.perf_counter()
         try:
             return load_image(ref.ref, size, self.limits, client=self.http, exact=exact)
         except ImageError as exc:
@@ -167,9 +185,16 @@ class Runtime:
         except Exception as exc:  # a decoder bug must not fail the other images
             log.exception("unexpected error decoding %s", ref.src)
             return ImageError(ErrorCode.DECODE_FAILED, f"{type(exc).__name__}: {exc}")
+        finally:
+            if timer is not None:
+                timer.observe(time.perf_counter() - start)
 
     def _decode_many(
-        self, refs: Sequence[ImageRef], size: tuple[int, int], exact: bool = False
+        self,
+        refs: Sequence[ImageRef],
+        size: tuple[int, int],
+        exact: bool = False,
+        timer: Histogram | None = None,
     ) -> list[np.ndarray | ImageError]:
         """Decode images in order, in parallel where it pays.
 
@@ -178,15 +203,15 @@ class Runtime:
         decoding it, while big JPEGs decode in C without the GIL and run in parallel.
         """
         if any("://" in r.ref for r in refs):
-            return list(self.decode_pool.map(lambda r: self._decode(r, size, exact), refs))
+            return list(self.decode_pool.map(lambda r: self._decode(r, size, exact, timer), refs))
         parts = max(1, min(self.decode_threads, len(refs) // 8))
         if parts == 1:
-            return [self._decode(r, size, exact) for r in refs]
+            return [self._decode(r, size, exact, timer) for r in refs]
         bounds = [len(refs) * i // parts for i in range(parts + 1)]
         runs = [refs[bounds[i] : bounds[i + 1]] for i in range(parts)]
         out: list[np.ndarray | ImageError] = []
         for run in self.decode_pool.map(
-            lambda rs: [self._decode(r, size, exact) for r in rs], runs
+            lambda rs: [self._decode(r, size, exact, timer) for r in rs], runs
         ):
             out.extend(run)
         return out
@@ -213,9 +238,10 @@ class Runtime:
         size = batcher.classifier.spec.input_size
         exact = model in self.exact_decode
         step = batcher.max_batch_size
+        timer = batcher.metrics.decode_seconds if batcher.metrics else None
         outcomes: list[ImageError | Future[TopK]] = []
         for start in range(0, len(images), step):
-            decoded = self._decode_many(images[start : start + step], size, exact)
+            decoded = self._decode_many(images[start : start + step], size, exact, timer)
             arrays = [d for d in decoded if not isinstance(d, ImageError)]
             futures = iter(batcher.submit(arrays))
             outcomes.extend(d if isinstance(d, ImageError) else next(futures) for d in decoded)

@@ -16,6 +16,7 @@ from shared.celery_app import CLASSIFY_TASK, attempt_store_for
 from shared.contract import ClassifyMessage, ResultDict, error_result, parse_task_id
 from shared.jobs import AttemptStore
 from shared.schemas import ErrorCode, ImageRef
+from workers import metrics
 from workers.app import app, job_store
 from workers.results import counts, results_store, store_records
 from workers.state import get_runtime
@@ -134,6 +135,7 @@ def classify(
         records = runtime.classify(job_id, model, refs)
     else:
         records = _classify_isolated(tid, job_id, model, refs, runtime_classify=runtime.classify)
+    metrics.record_task(model, records, redelivered=crashes > 0)
     log.info(
         "job %s model %s chunk %d: %d images, %d errors%s",
         job_id,

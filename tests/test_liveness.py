@@ -1,0 +1,205 @@
+"""Dead and frozen workers under default settings: heartbeats, recovery of held tasks,
+the sweep for tasks lost on the way. Real Redis, real worker processes, real signals."""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from producer.api import Client
+from shared.liveness import RECOVERED_KEY, BrokerRedis, Liveness
+from tests.conftest import WorkerProcess
+from tests.test_faults import assert_exactly_once, make_images, succeeded, wait_for
+
+pytestmark = pytest.mark.slow
+
+# Each batch waits for images that never come: a job lasts long enough to be
+# interrupted, without burning the CPU. Everything else: the shipped defaults
+# (a one-hour visibility timeout, a 10 s heartbeat timeout).
+SLOW = {"IMGQ_MAX_BATCH_DELAY_MS": "150"}
+
+
+def recovered(client: Client) -> int:
+    raw = client.store.client.get(RECOVERED_KEY)
+    return int(raw or 0)
+
+
+def wait_finished(client: Client, job_id: str, timeout: float) -> float:
+    """Poll (no waiting producer: it would recover tasks too) until the job finished;
+    the time it finished."""
+    wait_for(lambda: client.job(job_id).status().finished, timeout, f"job {job_id} to finish")
+    return time.monotonic()
+
+
+def test_two_of_three_workers_killed_their_tasks_come_back_in_seconds(
+    start_worker: Callable[..., WorkerProcess], client: Client, tmp_path: Path
+) -> None:
+    assert client.settings.visibility_timeout == 3600  # the shipped default
+    images = make_images(tmp_path / "imgs", 300, size=(64, 48))
+    args = ("--concurrency", "2")
+    a = start_worker("tfault", name="live-a", env=SLOW, args=args)
+    b = start_worker("tfault", name="live-b", env=SLOW, args=args)
+    c = start_worker("tfault", name="live-c", env=SLOW, args=args)
+    before = recovered(client)
+    job = client.submit(images, models=["tfault"], chunk_size=2)
+    wait_for(lambda: succeeded(a) >= 2, 120, "worker A to get going")
+    a.proc.send_signal(signal.SIGKILL)
+    a.proc.wait(30)
+    wait_for(lambda: succeeded(b) >= succeeded(a) + 4, 120, "worker B to carry on")
+    assert not job.status().finished, "the job must outlast the kills"
+    b.proc.send_signal(signal.SIGKILL)
+    b.proc.wait(30)
+    last_kill = time.monotonic()
+    done = wait_finished(client, job.job_id, 120)
+    assert done - last_kill < 30
+    assert job.status().models["tfault"].as_dict() == {
+        "total": 300,
+        "done": 300,
+        "failed": 0,
+        "pending": 0,
+    }
+    records = job.results()
+    assert_exactly_once(records, images, ["tfault"])
+    assert all(r.error is None for r in records)
+    # The survivor noticed both deaths and said so; the counter moved.
+    out = c.output()
+    assert "live-a@" in out and "live-b@" in out and "put back on their queues" in out, out
+    assert recovered(client) > before
+    listing = {
+        w.name.split("@")[0]: w.alive for w in Liveness(client.store.client, timeout=10).workers()
+    }
+    assert listing["live-a"] is False and listing["live-b"] is False and listing["live-c"] is True
+    c.stop()
+
+
+def test_frozen_worker_comes_back_without_doubling_anything(
+    start_worker: Callable[..., WorkerProcess], client: Client, tmp_path: Path
+) -> None:
+    images = make_images(tmp_path / "imgs", 120, size=(64, 48))
+    args = ("--concurrency", "2")
+    a = start_worker("tfault", name="frozen-a", env=SLOW, args=args)
+    b = start_worker("tfault", name="frozen-b", env=SLOW, args=args)
+    job = client.submit(images, models=["tfault"], chunk_size=2)
+    wait_for(lambda: succeeded(a) >= 2, 120, "worker A to get going")
+    a.proc.send_signal(signal.SIGSTOP)
+    try:
+        # Longer than the heartbeat timeout: A counts as dead, B takes its tasks.
+        wait_for(lambda: "frozen-a@" in b.output(), 30, "B to recover A's tasks")
+        time.sleep(2)
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+    wait_finished(client, job.job_id, 120)
+    status = job.status().models["tfault"]
+    assert status.as_dict() == {"total": 120, "done": 120, "failed": 0, "pending": 0}
+    assert status.tasks_finished == status.tasks_total == 60
+    records = job.results()
+    assert_exactly_once(records, images, ["tfault"])
+    assert all(r.error is None for r in records)
+    # A carries on: alive again, and it alone finishes the next job.
+    b.stop()
+    wait_for(
+        lambda: any(
+            w.alive and w.name.startswith("frozen-a@")
+            for w in Liveness(client.store.client, timeout=10).workers()
+        ),
+        30,
+        "A to be alive again",
+    )
+    more = make_images(tmp_path / "more", 8, size=(64, 48))
+    job2 = client.submit(more, models=["tfault"], chunk_size=2)
+    job2.wait(progress=False, timeout=120)
+    assert_exactly_once(job2.results(), more, ["tfault"])
+    assert a.proc.poll() is None
+    a.stop()
+
+
+def test_a_lost_message_of_a_job_nobody_waits_for_is_sent_again(
+    start_worker: Callable[..., WorkerProcess], client: Client, tmp_path: Path
+) -> None:
+    # A worker killed between taking a message off the queue and recording it as
+    # taken loses it: simulated by deleting the queue before any worker runs.
+    images = make_images(tmp_path / "imgs", 4, size=(64, 48))
+    job = client.submit(images, models=["tsolo"], chunk_size=2)
+    assert client.store.client.delete("imgq.tsolo") == 1
+    worker = start_worker("tsolo", name="sweeper", env={"IMGQ_SWEEP_GRACE": "3"})
+    wait_finished(client, job.job_id, 90)  # no producer waits
+    assert_exactly_once(job.results(), images, ["tsolo"])
+    assert "sent again" in worker.output()
+    worker.stop()
+
+
+def test_kill_loop_loses_and_doubles_nothing(
+    start_worker: Callable[..., WorkerProcess], client: Client, tmp_path: Path
+) -> None:
+    images = make_images(tmp_path / "imgs", 2000, size=(32, 24))
+    rng = random.Random(12)
+    env = {"IMGQ_MAX_BATCH_DELAY_MS": "20", "IMGQ_SWEEP_GRACE": "10"}
+    args = ("--concurrency", "2")
+    slots = [start_worker("tfault", name=f"loop-{i}", env=env, args=args) for i in range(2)]
+    job = client.submit(images, models=["tfault"], chunk_size=4)
+    kills = 0
+    while kills < 10 and not job.status().finished:
+        time.sleep(rng.uniform(0.5, 3.0))
+        i = rng.randrange(len(slots))
+        slots[i].proc.send_signal(signal.SIGKILL)
+        slots[i].proc.wait(30)
+        kills += 1
+        # Restarted at once (a supervisor would); the next kill may come before it is up.
+        slots[i] = start_worker("tfault", name=f"loop-{i}-{kills}", env=env, args=args, wait=False)
+    assert kills >= 10, "the job must outlast ten kills"
+    wait_finished(client, job.job_id, 240)
+    status = job.status().models["tfault"]
+    assert status.as_dict() == {"total": 2000, "done": 2000, "failed": 0, "pending": 0}
+    records = job.results()
+    assert_exactly_once(records, images, ["tfault"])
+    assert all(r.error is None for r in records)
+    for w in slots:
+        w.stop()
+
+
+def test_reclaim_puts_back_only_dead_workers_deliveries(client: Client) -> None:
+    """Against kombu's own bookkeeping, without workers: a delivery claimed by a live
+    worker stays; one claimed by a dead worker goes back once, even if two reclaim."""
+    from shared.liveness import HELD_KEY, UNACKED_INDEX_KEY, UNACKED_KEY, Reclaimer, alive_key
+
+    broker = BrokerRedis(client.app)
+    r = broker.client
+    with client.app.connection_for_write() as conn:
+        # A real message in a real queue, taken the way kombu's QoS takes it.
+        client.app.send_task(
+            "imgq.classify",
+            args=["j", "tnobody", 0, []],
+            task_id="j.tnobody.000000",
+            queue="imgq.tnobody",
+        )
+        ch = conn.default_channel
+        raw = r.rpop("imgq.tnobody")
+        assert raw is not None
+        for tag, owner in (("tag-live", "w-live"), ("tag-dead", "w-dead")):
+            r.hset(UNACKED_KEY, tag, f'[{raw.decode()}, "imgq.tnobody", "imgq.tnobody"]')
+            r.zadd(UNACKED_INDEX_KEY, {tag: time.time()})
+            r.hset(HELD_KEY, tag, owner)
+        r.set(alive_key("w-live"), "{}", px=10_000)
+        del ch
+    one = Reclaimer(broker, timeout=10, by="one")
+    two = Reclaimer(BrokerRedis(client.app), timeout=10, by="two")
+    first = one.run(lock_s=0.001)
+    time.sleep(0.01)
+    second = two.run(lock_s=0.001)
+    assert [(x.worker_id, x.task_ids) for x in first] == [("w-dead", ["j.tnobody.000000"])]
+    assert second == []
+    assert r.hexists(UNACKED_KEY, "tag-live") and not r.hexists(UNACKED_KEY, "tag-dead")
+    assert not r.hexists(HELD_KEY, "tag-dead")
+    assert r.llen("imgq.tnobody") == 1  # back on its queue, once
+    for key in ("imgq.tnobody",):
+        r.delete(key)
+    r.hdel(UNACKED_KEY, "tag-live")
+    r.zrem(UNACKED_INDEX_KEY, "tag-live")
+    r.hdel(HELD_KEY, "tag-live")
+    broker.close()
+    two.broker.close()

@@ -46,6 +46,7 @@ UNACKED_INDEX_KEY: str = RedisChannel.unacked_index_key
 WORKERS_KEY = "imgq:workers"
 HELD_KEY = "imgq:held"
 RECOVERED_KEY = "imgq:stats:tasks_recovered"
+RESENT_KEY = "imgq:stats:tasks_resent"  # by the sweep for lost tasks (workers.sweep)
 RECOVERIES_KEY = "imgq:recoveries"
 RECLAIM_LOCK_KEY = "imgq:lock:reclaim"
 KEEP_RECOVERIES = 100
@@ -110,6 +111,18 @@ return n
 """
 
 
+# Drop this worker's claims on the given deliveries.
+_RELEASE = """
+local n = 0
+for i = 1, #ARGV - 1 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[#ARGV] then
+    n = n + redis.call('HDEL', KEYS[1], ARGV[i])
+  end
+end
+return n
+"""
+
+
 @dataclass
 class WorkerInfo:
     """One worker as the listing shows it."""
@@ -146,6 +159,7 @@ class Liveness:
         self.timeout = timeout
         self._beat = client.register_script(_BEAT)
         self._prune = client.register_script(_PRUNE)
+        self._release = client.register_script(_RELEASE)
 
     def beat(self, worker_id: str, info: dict[str, Any], tags: Iterable[str]) -> list[str]:
         """Renew a worker's heartbeat and claims; the tags no longer unacknowledged."""
@@ -155,6 +169,19 @@ class Liveness:
             args=[worker_id, int(self.timeout * 1000), payload, *tags],
         )
         return [t.decode() if isinstance(t, bytes) else str(t) for t in gone]
+
+    def release(self, worker_id: str, tags: Iterable[str]) -> None:
+        """Drop a worker's claims: deliveries it can no longer acknowledge (its broker
+        connection was lost) are recovered like unclaimed ones, after the grace period."""
+        tags = list(tags)
+        if tags:
+            self._release(keys=[HELD_KEY], args=[*tags, worker_id])
+
+    def claimed_by(self, worker_id: str) -> set[str]:
+        """The deliveries Redis says a worker holds."""
+        raw: dict[bytes, bytes] = self.client.hgetall(HELD_KEY)  # type: ignore[assignment]
+        me = worker_id.encode()
+        return {k.decode() for k, v in raw.items() if v == me}
 
     def leave(self, worker_id: str) -> None:
         """A worker stopping cleanly: it is no longer listed (its held tasks went back)."""

@@ -138,21 +138,26 @@ def test_kill_loop_loses_and_doubles_nothing(
 ) -> None:
     images = make_images(tmp_path / "imgs", 2000, size=(32, 24))
     rng = random.Random(12)
-    env = {"IMGQ_MAX_BATCH_DELAY_MS": "20", "IMGQ_SWEEP_GRACE": "10"}
-    args = ("--concurrency", "2")
-    slots = [start_worker("tfault", name=f"loop-{i}", env=env, args=args) for i in range(2)]
-    job = client.submit(images, models=["tfault"], chunk_size=4)
+    env = {"IMGQ_MAX_BATCH_DELAY_MS": "250"}
+    args = ("--concurrency", "1")
+    slots = [
+        start_worker("tfault", name=f"loop{i}", env=env, args=args, wait=False) for i in range(3)
+    ]
+    job = client.submit(images, models=["tfault"], chunk_size=2)
     kills = 0
-    while kills < 10 and not job.status().finished:
-        time.sleep(rng.uniform(0.5, 3.0))
-        i = rng.randrange(len(slots))
+    while kills < 10:
+        # A random moment in the work of a random busy worker (a kill during
+        # start-up would only test start-up).
+        wait_for(lambda: any(succeeded(w) > 0 for w in slots), 180, "a worker to get going")
+        i = rng.choice([i for i, w in enumerate(slots) if succeeded(w) > 0])
+        time.sleep(rng.uniform(0, 2))
+        assert not job.status().finished, f"the job must outlast ten kills ({kills} so far)"
         slots[i].proc.send_signal(signal.SIGKILL)
         slots[i].proc.wait(30)
         kills += 1
-        # Restarted at once (a supervisor would); the next kill may come before it is up.
-        slots[i] = start_worker("tfault", name=f"loop-{i}-{kills}", env=env, args=args, wait=False)
-    assert kills >= 10, "the job must outlast ten kills"
-    wait_finished(client, job.job_id, 240)
+        # Restarted at once, as a supervisor would.
+        slots[i] = start_worker("tfault", name=f"loop{i}-{kills}", env=env, args=args, wait=False)
+    wait_finished(client, job.job_id, 300)
     status = job.status().models["tfault"]
     assert status.as_dict() == {"total": 2000, "done": 2000, "failed": 0, "pending": 0}
     records = job.results()

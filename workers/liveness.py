@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import redis
+from celery import bootsteps
 from celery.signals import task_received
 
 from shared.liveness import BrokerRedis, Liveness, Reclaimer, host_info, new_worker_id
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 
 # Seconds between two sweeps for lost tasks (one sweeper at a time, fleet-wide).
 SWEEP_EVERY_S = 5.0
+# Every this many beats, claims the worker no longer backs are dropped.
+AUDIT_EVERY = 5
 # New deliveries are claimed in Redis in batches at most this far apart.
 CLAIM_BATCH_S = 0.05
 
@@ -49,6 +52,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="imgq-heartbeat", daemon=True)
         self._last_sweep = 0.0
+        self._beats = 0
         self._failing = False
 
     def start(self) -> Heartbeat:
@@ -76,6 +80,31 @@ class Heartbeat:
             self._held.add(tag)
             self._new.append(tag)
         self._wake.set()
+
+    def reconnected(self) -> None:
+        """The consumer (re)started on a new broker connection: deliveries received on the
+        old one are no longer this worker's to acknowledge, so drop their claims."""
+        with self._lock:
+            tags, self._held, self._new = list(self._held), set(), []
+        if not tags:
+            return
+        try:
+            Liveness(self.broker.client, timeout=self.settings.heartbeat_timeout).release(
+                self.worker_id, tags
+            )
+            log.info("broker connection renewed: %d earlier delivery(ies) released", len(tags))
+        except (redis.exceptions.RedisError, OSError) as exc:
+            log.warning("heartbeat: could not release earlier deliveries: %s", exc)
+
+    def audit(self) -> None:
+        """Drop claims Redis holds for this worker on deliveries it no longer has (a
+        failover can bring back a delivery this worker acknowledged on the old master)."""
+        liveness = Liveness(self.broker.client, timeout=self.settings.heartbeat_timeout)
+        claimed = liveness.claimed_by(self.worker_id)
+        with self._lock:
+            stale = claimed - self._held
+        if stale:
+            liveness.release(self.worker_id, stale)
 
     def beat(self, tags: list[str] | None = None) -> None:
         """Renew the heartbeat and the claims (all held, or just ``tags``); forget
@@ -111,6 +140,9 @@ class Heartbeat:
                     continue
                 next_beat = time.monotonic() + interval
                 self.beat()
+                self._beats += 1
+                if self._beats % AUDIT_EVERY == 0:
+                    self.audit()
                 self.reclaimer.run(lock_s=interval)
                 now = time.monotonic()
                 if now - self._last_sweep >= SWEEP_EVERY_S:
@@ -173,3 +205,15 @@ def _note_delivery(request: Any = None, **_: Any) -> None:
     tag = getattr(getattr(request, "message", None), "delivery_tag", None)
     if tag:
         hb.received(str(tag))
+
+
+class ReleaseOnReconnect(bootsteps.StartStopStep):
+    """A consumer step: each time the consumer starts (first, and after a lost broker
+    connection), deliveries from before are released (see :meth:`Heartbeat.reconnected`)."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, c: Any) -> None:
+        """Release the claims of the previous connection, if any."""
+        if _heartbeat is not None:
+            _heartbeat.reconnected()

@@ -26,7 +26,7 @@ import redis
 
 from shared.celery_app import CLASSIFY_TASK, job_store_for
 from shared.jobs import JobError, JobRecord, JobStore, parse_task_id, task_id
-from shared.liveness import UNACKED_KEY, BrokerRedis, task_id_of
+from shared.liveness import RESENT_KEY, UNACKED_KEY, BrokerRedis, task_id_of
 from shared.open_jobs import open_jobs, untrack
 from shared.registry import queue_for
 from shared.settings import Settings
@@ -34,7 +34,6 @@ from shared.settings import Settings
 log = logging.getLogger(__name__)
 
 SWEEP_LOCK_KEY = "imgq:lock:sweep"
-RESENT_KEY = "imgq:stats:tasks_resent"
 _PAGE = 1000
 
 

@@ -29,7 +29,7 @@ from shared import open_jobs
 from shared.celery_app import CLASSIFY_TASK, create_app, job_store_for
 from shared.contract import ClassifyMessage, task_id
 from shared.jobs import JobRecord, JobStatus, JobStore, check_job_id, new_job_id
-from shared.liveness import BrokerRedis, Reclaimer
+from shared.liveness import BROKER_ERRORS, BrokerRedis, Reclaimer
 from shared.registry import ModelSpec, get_model, load_registry, queue_for
 from shared.schemas import ErrorCode, ImageRef, ResultRecord, error_record
 from shared.settings import Settings, get_settings
@@ -281,7 +281,7 @@ class Job:
         """Put dead workers' tasks back on their queues; Redis away only delays it."""
         try:
             reclaimer.run(lock_s=self.client.settings.heartbeat_interval)
-        except (redis.exceptions.RedisError, OSError) as exc:
+        except BROKER_ERRORS as exc:
             log.debug("job %s: recovery pass skipped: %s", self.job_id, exc)
             reclaimer.broker.close()
 

@@ -501,7 +501,7 @@ def metrics(port: int, address: str, models: tuple[str, ...]) -> None:
         client = Client()
         names = list(models) or list(client.registry())
         REGISTRY.register(QueueCollector(client.store.client, names))
-        REGISTRY.register(LivenessCollector(BrokerRedis(client.app).client))
+        REGISTRY.register(LivenessCollector(BrokerRedis(client.app)))
     start_http_server(port, addr=address)
     click.echo(
         f"serving metrics for {', '.join(names)} on http://{address}:{port}/metrics", err=True

@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from shared.broker_keys import UNACKED_KEY
+from shared.liveness import BROKER_ERRORS, RECOVERED_KEY, RESENT_KEY, BrokerRedis, Liveness
 from shared.registry import queue_for
 
 log = logging.getLogger(__name__)
@@ -66,19 +67,18 @@ class QueueCollector(Collector):
 class LivenessCollector(Collector):
     """Collects worker liveness and recovery counts from the broker's Redis at each scrape."""
 
-    def __init__(self, client: redis.Redis) -> None:
-        self.client = client
+    def __init__(self, broker: BrokerRedis) -> None:
+        self.broker = broker
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         """The metric families, freshly read."""
-        from shared.liveness import RECOVERED_KEY, RESENT_KEY, Liveness
-
         try:
-            liveness = Liveness(self.client, timeout=0)
-            workers = liveness.workers()
-            recovered_raw, resent_raw = self.client.mget([RECOVERED_KEY, RESENT_KEY])
-        except redis.exceptions.RedisError as exc:
+            client = self.broker.client
+            workers = Liveness(client, timeout=0).workers()
+            recovered_raw, resent_raw = client.mget([RECOVERED_KEY, RESENT_KEY])
+        except BROKER_ERRORS as exc:
             log.warning("metrics: Redis unreachable: %s", exc)
+            self.broker.close()
             return
         listed = GaugeMetricFamily(
             "imgq_workers", "Workers by state (dead: heartbeat expired)", labels=["state"]

@@ -7,8 +7,10 @@ import json
 import time
 
 import click
+from kombu.exceptions import OperationalError
 
 from shared.liveness import RECOVERED_KEY, RESENT_KEY, BrokerRedis, Liveness
+from shared.settings import get_settings
 
 
 @click.command()
@@ -16,17 +18,20 @@ from shared.liveness import RECOVERED_KEY, RESENT_KEY, BrokerRedis, Liveness
 def workers(as_json: bool) -> None:
     """List workers (alive, or dead: heartbeat expired) and the tasks recovered."""
     from producer.api import Client
-    from producer.cli import _user_errors
+    from producer.cli import _redact, _user_errors
 
     with _user_errors():
         broker = BrokerRedis(Client().app)
         try:
             liveness = Liveness(broker.client, timeout=0)
             listed = liveness.workers()
-            recovered, resent = (
-                int(v or 0) for v in broker.client.mget([RECOVERED_KEY, RESENT_KEY])
-            )
+            values = broker.client.mget([RECOVERED_KEY, RESENT_KEY])
+            recovered, resent = (int(v or 0) for v in values)
             events = liveness.recoveries()
+        except OperationalError as exc:  # kombu's wrapper of a connection error
+            raise click.ClickException(
+                f"cannot reach Redis at {_redact(get_settings().broker_url)}: {exc}"
+            ) from exc
         finally:
             broker.close()
     if as_json:

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+from kombu.exceptions import OperationalError
 from kombu.transport.redis import Channel as RedisChannel
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,13 @@ log = logging.getLogger(__name__)
 # kombu's key names for delivered, unacknowledged messages.
 UNACKED_KEY: str = RedisChannel.unacked_key
 UNACKED_INDEX_KEY: str = RedisChannel.unacked_index_key
+
+# What reaching the broker's Redis can raise (kombu wraps connection errors).
+BROKER_ERRORS: tuple[type[Exception], ...] = (
+    redis.exceptions.RedisError,
+    OSError,
+    OperationalError,
+)
 
 WORKERS_KEY = "imgq:workers"
 HELD_KEY = "imgq:held"

@@ -3,6 +3,7 @@ the sweep for tasks lost on the way. Real Redis, real worker processes, real sig
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import time
@@ -12,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from producer.api import Client
+from producer.metrics import LivenessCollector
 from shared.liveness import RECOVERED_KEY, BrokerRedis, Liveness
-from tests.conftest import WorkerProcess
+from tests.conftest import WorkerProcess, run_cli
 from tests.test_faults import assert_exactly_once, make_images, succeeded, wait_for
 
 pytestmark = pytest.mark.slow
@@ -37,7 +39,10 @@ def wait_finished(client: Client, job_id: str, timeout: float) -> float:
 
 
 def test_two_of_three_workers_killed_their_tasks_come_back_in_seconds(
-    start_worker: Callable[..., WorkerProcess], client: Client, tmp_path: Path
+    start_worker: Callable[..., WorkerProcess],
+    client: Client,
+    imgq_env: dict[str, str],
+    tmp_path: Path,
 ) -> None:
     assert client.settings.visibility_timeout == 3600  # the shipped default
     images = make_images(tmp_path / "imgs", 300, size=(64, 48))
@@ -70,10 +75,17 @@ def test_two_of_three_workers_killed_their_tasks_come_back_in_seconds(
     out = c.output()
     assert "live-a@" in out and "live-b@" in out and "put back on their queues" in out, out
     assert recovered(client) > before
-    listing = {
-        w.name.split("@")[0]: w.alive for w in Liveness(client.store.client, timeout=10).workers()
+    # Dead workers are listed as such; the counter is exported.
+    listing = run_cli(["workers", "--json"], imgq_env, timeout=60)
+    assert listing.returncode == 0, listing.stderr
+    state = {w["name"].split("@")[0]: w["alive"] for w in json.loads(listing.stdout)["workers"]}
+    assert state["live-a"] is False and state["live-b"] is False and state["live-c"] is True
+    metrics = {
+        m.name: m.samples[0].value
+        for m in LivenessCollector(BrokerRedis(client.app)).collect()
+        if m.name.startswith("imgq_tasks")
     }
-    assert listing["live-a"] is False and listing["live-b"] is False and listing["live-c"] is True
+    assert metrics["imgq_tasks_recovered"] == recovered(client) > before
     c.stop()
 
 

@@ -16,11 +16,17 @@ import threading
 import time
 from typing import Any
 
-import redis
 from celery import bootsteps
 from celery.signals import task_received
 
-from shared.liveness import BrokerRedis, Liveness, Reclaimer, host_info, new_worker_id
+from shared.liveness import (
+    BROKER_ERRORS,
+    BrokerRedis,
+    Liveness,
+    Reclaimer,
+    host_info,
+    new_worker_id,
+)
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,7 +65,7 @@ class Heartbeat:
         """Beat once (so the worker is alive before it takes anything), then keep beating."""
         try:
             self.beat()
-        except (redis.exceptions.RedisError, OSError) as exc:
+        except BROKER_ERRORS as exc:
             # The broker is not up yet: the consumer waits for it, and so do the beats.
             log.warning("heartbeat: Redis unreachable (%s); retrying", exc)
             self._failing = True
@@ -93,7 +99,7 @@ class Heartbeat:
                 self.worker_id, tags
             )
             log.info("broker connection renewed: %d earlier delivery(ies) released", len(tags))
-        except (redis.exceptions.RedisError, OSError) as exc:
+        except BROKER_ERRORS as exc:
             log.warning("heartbeat: could not release earlier deliveries: %s", exc)
 
     def audit(self) -> None:
@@ -153,7 +159,7 @@ class Heartbeat:
                 if self._failing:
                     log.info("heartbeat: Redis reachable again")
                 self._failing = False
-            except (redis.exceptions.RedisError, OSError) as exc:
+            except BROKER_ERRORS as exc:
                 if not self._failing:
                     log.warning("heartbeat: Redis unreachable (%s); retrying", exc)
                 self._failing = True
@@ -171,7 +177,7 @@ class Heartbeat:
             Liveness(self.broker.client, timeout=self.settings.heartbeat_timeout).leave(
                 self.worker_id
             )
-        except (redis.exceptions.RedisError, OSError) as exc:
+        except BROKER_ERRORS as exc:
             log.warning("heartbeat: could not leave the worker listing: %s", exc)
         self.broker.close()
 

@@ -57,7 +57,7 @@ class Heartbeat:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="imgq-heartbeat", daemon=True)
-        self._last_sweep = 0.0
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="imgq-sweep", daemon=True)
         self._beats = 0
         self._failing = False
 
@@ -71,6 +71,7 @@ class Heartbeat:
             self._failing = True
             self.broker.close()
         self._thread.start()
+        self._sweeper.start()
         log.info(
             "heartbeat %s every %g s (dead after %g s without one)",
             self.worker_id,
@@ -150,12 +151,6 @@ class Heartbeat:
                 if self._beats % AUDIT_EVERY == 0:
                     self.audit()
                 self.reclaimer.run(lock_s=interval)
-                now = time.monotonic()
-                if now - self._last_sweep >= SWEEP_EVERY_S:
-                    self._last_sweep = now
-                    from workers.sweep import sweep
-
-                    sweep(self.app, self.broker, self.settings, by=self.worker_id)
                 if self._failing:
                     log.info("heartbeat: Redis reachable again")
                 self._failing = False
@@ -167,12 +162,32 @@ class Heartbeat:
             except Exception:
                 log.exception("heartbeat: unexpected error; carrying on")
 
+    def _sweep_loop(self) -> None:
+        # A thread of its own: scanning a long queue must never delay a heartbeat.
+        from workers.sweep import sweep
+
+        broker = BrokerRedis(self.app)
+        failing = False
+        while not self._stop.wait(SWEEP_EVERY_S):
+            try:
+                sweep(self.app, broker, self.settings, by=self.worker_id)
+                failing = False
+            except BROKER_ERRORS as exc:
+                if not failing:
+                    log.warning("sweep: Redis unreachable (%s); retrying", exc)
+                failing = True
+                broker.close()
+            except Exception:
+                log.exception("sweep: unexpected error; carrying on")
+        broker.close()
+
     def stop(self) -> None:
         """Stop beating and leave the listing (a clean stop: the held tasks went back)."""
         self._stop.set()
         self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(10)
+        for thread in (self._thread, self._sweeper):
+            if thread.is_alive():
+                thread.join(10)
         try:
             Liveness(self.broker.client, timeout=self.settings.heartbeat_timeout).leave(
                 self.worker_id

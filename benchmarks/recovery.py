@@ -117,14 +117,12 @@ def measure_recovery(
     url: str, models_file: Path, tiny: list[str], work: Path, kills: int
 ) -> list[dict[str, float]]:
     """Kill a worker holding tasks, ``kills`` times; seconds until its tasks are delivered again."""
-    import redis
-
     from producer.api import Client
-    from shared.liveness import UNACKED_INDEX_KEY
+    from shared.liveness import UNACKED_INDEX_KEY, BrokerRedis
     from shared.settings import Settings
 
-    r = redis.Redis.from_url(url)
     client = Client(Settings(broker_url=url, models_file=models_file))
+    r = BrokerRedis(client.app).client
     # Each task lasts about 2 s (a batch waits that long for images that never come).
     env = {"IMGQ_MAX_BATCH_DELAY_MS": "2000"}
     survivor = Worker(url, models_file, work / "survivor.log", "survivor", concurrency=4, env=env)

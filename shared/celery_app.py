@@ -104,7 +104,7 @@ def job_store_for(app: Celery) -> JobStore:
     if client is None:
         raise RuntimeError(
             f"imgq keeps job records in Redis; the result backend {app.conf.result_backend!r} "
-            "is not a Redis URL (set IMGQ_RESULT_BACKEND to redis:// or rediss://)"
+            "is not a Redis URL (set IMGQ_RESULT_BACKEND to redis://, rediss:// or sentinel://)"
         )
     return JobStore(client, ttl=int(app.conf.result_expires))
 

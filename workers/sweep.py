@@ -76,9 +76,10 @@ def _sweep_job(
     app: Any, broker: BrokerRedis, store: JobStore, record: JobRecord, settings: Settings
 ) -> int:
     job_id = record.job_id
-    finished = store.finished_tasks(job_id)
+    # A count first (HLEN): a big job's task ids are read only once it is stuck.
+    n_finished = int(store.client.hlen(store._key(job_id, ":done")))
     total = record.n_chunks * len(record.models)
-    if len(finished) >= total:
+    if n_finished >= total:
         untrack(store.client, job_id)
         store.client.delete(_state_key(job_id))
         return 0
@@ -86,12 +87,13 @@ def _sweep_job(
     raw: dict[bytes, bytes] = store.client.hgetall(key)  # type: ignore[assignment]
     state = {k.decode(): v.decode() for k, v in raw.items()}
     now = time.time()
-    if int(state.get("finished", -1)) != len(finished):
+    if int(state.get("finished", -1)) != n_finished:
         # Progress since the last look: nothing is stuck.
-        _save(store, key, finished=len(finished), since=now, suspects=[])
+        _save(store, key, finished=n_finished, since=now, suspects=[])
         return 0
     if now - float(state["since"]) < settings.sweep_grace:
         return 0
+    finished = store.finished_tasks(job_id)
     unfinished = {
         task_id(job_id, m, i)
         for m in record.models

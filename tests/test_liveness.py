@@ -179,44 +179,54 @@ def test_kill_loop_loses_and_doubles_nothing(
         w.stop()
 
 
-def test_reclaim_puts_back_only_dead_workers_deliveries(client: Client) -> None:
-    """Against kombu's own bookkeeping, without workers: a delivery claimed by a live
-    worker stays; one claimed by a dead worker goes back once, even if two reclaim."""
+def test_reclaim_puts_back_only_abandoned_deliveries(client: Client) -> None:
+    """Against kombu's own bookkeeping, without workers: deliveries claimed by a live
+    worker, or too fresh to be claimed yet, stay; one claimed by a dead worker and one
+    nobody claimed for 10 s go back on their queue, once, though two processes reclaim."""
     from shared.liveness import HELD_KEY, UNACKED_INDEX_KEY, UNACKED_KEY, Reclaimer, alive_key
 
     broker = BrokerRedis(client.app)
     r = broker.client
-    with client.app.connection_for_write() as conn:
-        # A real message in a real queue, taken the way kombu's QoS takes it.
+    queue = "imgq.tnobody"
+    now = time.time()
+    cases = {  # tag -> (claimed by, delivered at)
+        "tag-live": ("w-live", now - 30),
+        "tag-dead": ("w-dead", now - 30),
+        "tag-orphan": (None, now - 30),
+        "tag-fresh": (None, now - 1),
+    }
+    for n, (tag, (owner, at)) in enumerate(cases.items()):
+        # A real message sent to a real queue, then taken the way kombu's QoS takes it.
         client.app.send_task(
-            "imgq.classify",
-            args=["j", "tnobody", 0, []],
-            task_id="j.tnobody.000000",
-            queue="imgq.tnobody",
+            "imgq.classify", args=["j", "tnobody", n, []], task_id=tag, queue=queue
         )
-        ch = conn.default_channel
-        raw = r.rpop("imgq.tnobody")
+        raw = r.rpop(queue)
         assert raw is not None
-        for tag, owner in (("tag-live", "w-live"), ("tag-dead", "w-dead")):
-            r.hset(UNACKED_KEY, tag, f'[{raw.decode()}, "imgq.tnobody", "imgq.tnobody"]')
-            r.zadd(UNACKED_INDEX_KEY, {tag: time.time()})
+        r.hset(UNACKED_KEY, tag, f'[{raw.decode()}, "{queue}", "{queue}"]')
+        r.zadd(UNACKED_INDEX_KEY, {tag: at})
+        if owner:
             r.hset(HELD_KEY, tag, owner)
-        r.set(alive_key("w-live"), "{}", px=10_000)
-        del ch
+    r.set(alive_key("w-live"), "{}", px=10_000)
     one = Reclaimer(broker, timeout=10, by="one")
     two = Reclaimer(BrokerRedis(client.app), timeout=10, by="two")
-    first = one.run(lock_s=0.001)
-    time.sleep(0.01)
-    second = two.run(lock_s=0.001)
-    assert [(x.worker_id, x.task_ids) for x in first] == [("w-dead", ["j.tnobody.000000"])]
-    assert second == []
-    assert r.hexists(UNACKED_KEY, "tag-live") and not r.hexists(UNACKED_KEY, "tag-dead")
-    assert not r.hexists(HELD_KEY, "tag-dead")
-    assert r.llen("imgq.tnobody") == 1  # back on its queue, once
-    for key in ("imgq.tnobody",):
-        r.delete(key)
-    r.hdel(UNACKED_KEY, "tag-live")
-    r.zrem(UNACKED_INDEX_KEY, "tag-live")
-    r.hdel(HELD_KEY, "tag-live")
-    broker.close()
-    two.broker.close()
+    try:
+        first = one.run(lock_s=0.001)
+        time.sleep(0.01)
+        second = two.run(lock_s=0.001)
+        assert sorted((x.worker_id or "", x.task_ids) for x in first) == [
+            ("", ["tag-orphan"]),
+            ("w-dead", ["tag-dead"]),
+        ]
+        assert second == []
+        assert {t for t in cases if r.hexists(UNACKED_KEY, t)} == {"tag-live", "tag-fresh"}
+        assert not r.hexists(HELD_KEY, "tag-dead")
+        back = [json.loads(m)["headers"]["id"] for m in r.lrange(queue, 0, -1)]
+        assert sorted(back) == ["tag-dead", "tag-orphan"]  # back on the queue, once each
+    finally:
+        r.delete(queue)
+        for tag in cases:
+            r.hdel(UNACKED_KEY, tag)
+            r.zrem(UNACKED_INDEX_KEY, tag)
+            r.hdel(HELD_KEY, tag)
+        broker.close()
+        two.broker.close()

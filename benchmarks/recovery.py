@@ -118,7 +118,8 @@ def measure_recovery(
 ) -> list[dict[str, float]]:
     """Kill a worker holding tasks, ``kills`` times; seconds until its tasks are delivered again."""
     from producer.api import Client
-    from shared.liveness import UNACKED_INDEX_KEY, BrokerRedis
+    from shared.broker_keys import UNACKED_INDEX_KEY
+    from shared.liveness import BrokerRedis
     from shared.settings import Settings
 
     client = Client(Settings(broker_url=url, models_file=models_file))

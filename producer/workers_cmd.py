@@ -8,6 +8,7 @@ import time
 
 import click
 from kombu.exceptions import OperationalError
+from kombu.utils.url import maybe_sanitize_url
 
 from shared.liveness import RECOVERED_KEY, RESENT_KEY, BrokerRedis, Liveness
 from shared.settings import get_settings
@@ -18,7 +19,7 @@ from shared.settings import get_settings
 def workers(as_json: bool) -> None:
     """List workers (alive, or dead: heartbeat expired) and the tasks recovered."""
     from producer.api import Client
-    from producer.cli import _redact, _user_errors
+    from producer.cli import _user_errors
 
     with _user_errors():
         broker = BrokerRedis(Client().app)
@@ -30,7 +31,7 @@ def workers(as_json: bool) -> None:
             events = liveness.recoveries()
         except OperationalError as exc:  # kombu's wrapper of a connection error
             raise click.ClickException(
-                f"cannot reach Redis at {_redact(get_settings().broker_url)}: {exc}"
+                f"cannot reach Redis at {maybe_sanitize_url(get_settings().broker_url)}: {exc}"
             ) from exc
         finally:
             broker.close()

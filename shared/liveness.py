@@ -36,13 +36,10 @@ from typing import Any
 
 import redis
 from kombu.exceptions import OperationalError
-from kombu.transport.redis import Channel as RedisChannel
+
+from shared.broker_keys import UNACKED_INDEX_KEY, UNACKED_KEY
 
 log = logging.getLogger(__name__)
-
-# kombu's key names for delivered, unacknowledged messages.
-UNACKED_KEY: str = RedisChannel.unacked_key
-UNACKED_INDEX_KEY: str = RedisChannel.unacked_index_key
 
 # What reaching the broker's Redis can raise (kombu wraps connection errors).
 BROKER_ERRORS: tuple[type[Exception], ...] = (

@@ -183,7 +183,8 @@ def test_reclaim_puts_back_only_abandoned_deliveries(client: Client) -> None:
     """Against kombu's own bookkeeping, without workers: deliveries claimed by a live
     worker, or too fresh to be claimed yet, stay; one claimed by a dead worker and one
     nobody claimed for 10 s go back on their queue, once, though two processes reclaim."""
-    from shared.liveness import HELD_KEY, UNACKED_INDEX_KEY, UNACKED_KEY, Reclaimer, alive_key
+    from shared.broker_keys import UNACKED_INDEX_KEY, UNACKED_KEY
+    from shared.liveness import HELD_KEY, Reclaimer, alive_key
 
     broker = BrokerRedis(client.app)
     r = broker.client

@@ -24,9 +24,11 @@ from typing import Any
 
 import redis
 
+from shared.broker_keys import UNACKED_KEY
 from shared.celery_app import CLASSIFY_TASK, job_store_for
-from shared.jobs import JobError, JobRecord, JobStore, parse_task_id, task_id
-from shared.liveness import RESENT_KEY, UNACKED_KEY, BrokerRedis, task_id_of
+from shared.contract import ClassifyMessage, parse_task_id, task_id
+from shared.jobs import JobError, JobRecord, JobStore
+from shared.liveness import RESENT_KEY, BrokerRedis, task_id_of
 from shared.open_jobs import open_jobs, untrack
 from shared.registry import queue_for
 from shared.settings import Settings
@@ -175,11 +177,12 @@ def _resend(app: Any, store: JobStore, tid: str) -> None:
     except (JobError, redis.exceptions.RedisError):
         log.exception("job %s: cannot read chunk %d to send it again", job_id, index)
         return
+    message = ClassifyMessage(job_id=job_id, model=model, chunk=index, images=tuple(chunk))
     app.send_task(
         CLASSIFY_TASK,
-        args=[job_id, model, index, [[r.src, r.ref] for r in chunk]],
-        task_id=tid,
+        args=message.to_args(),
+        task_id=message.task_id,
         queue=queue_for(model),
-        argsrepr=f"(job={job_id!r}, model={model!r}, chunk={index}, images={len(chunk)})",
+        argsrepr=message.argsrepr(),
         kwargsrepr="{}",
     )

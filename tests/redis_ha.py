@@ -11,7 +11,9 @@ import redis
 
 from tests.conftest import RedisServer, free_port, redis_server_binary
 
-MASTER_NAME = "imgqmaster"
+# The default name (IMGQ_SENTINEL_MASTER), so that helpers building their own
+# settings, like the launcher's readiness ping, find the master too.
+MASTER_NAME = "mymaster"
 
 
 class SentinelGroup:

@@ -224,7 +224,7 @@ class Job:
         last_reclaim = 0.0
         # Subscribe before the first read, so no notification falls in between.
         listener = self.client.store.listen(self.job_id)
-        status = self.status()
+        status = self._first_status(deadline)
         bar = tqdm(
             total=status.images_total,
             unit="img",
@@ -284,6 +284,24 @@ class Job:
         except BROKER_ERRORS as exc:
             log.debug("job %s: recovery pass skipped: %s", self.job_id, exc)
             reclaimer.broker.close()
+
+    def _first_status(self, deadline: float | None) -> JobStatus:
+        """The job's status, retried for a while when Redis is away (a restart, or a
+        failover that Sentinel has not finished announcing)."""
+        give_up = time.monotonic() + 120.0
+        while True:
+            try:
+                return self.status()
+            except (
+                redis.exceptions.ConnectionError,
+                redis.exceptions.TimeoutError,
+                redis.exceptions.BusyLoadingError,
+            ) as exc:
+                now = time.monotonic()
+                if now > give_up or (deadline is not None and now > deadline):
+                    raise
+                log.warning("job %s: Redis unreachable (%s); still waiting", self.job_id, exc)
+                time.sleep(0.5)
 
     def _status_patiently(self, last: JobStatus, deadline: float | None) -> JobStatus:
         """The job's status; while Redis is unreachable (a restart), the last one seen."""

@@ -20,9 +20,11 @@ import redis
 from celery import Celery
 
 from producer.sources import expand_sources
+from shared import open_jobs
 from shared.celery_app import CLASSIFY_TASK, create_app, job_store_for
 from shared.contract import ClassifyMessage, task_id
 from shared.jobs import JobRecord, JobStatus, JobStore, check_job_id, new_job_id
+from shared.liveness import BROKER_ERRORS, BrokerRedis, Reclaimer
 from shared.registry import ModelSpec, get_model, load_registry, queue_for
 from shared.results_store import ResultsStore, gc_paused, results_store_for
 from shared.schemas import ImageRef, ResultRecord
@@ -102,6 +104,7 @@ class Client:
         chunks = [refs[i : i + size] for i in range(0, len(refs), size)]
         jid = check_job_id(job_id) if job_id else new_job_id()
         record = self.store.create(jid, models, chunks, chunk_size=size)
+        open_jobs.track(self.store.client, jid)  # swept for lost tasks until it finishes
         job = Job(self, record)
         for index, chunk in enumerate(chunks):
             for model in models:
@@ -182,9 +185,16 @@ class Job:
         visibility = self.client.settings.visibility_timeout
         stall_limit = visibility + min(30.0, float(visibility))
         last_progress = time.monotonic()
+        # A worker that dies holding tasks of this job: put them back at once.
+        reclaimer = Reclaimer(
+            BrokerRedis(self.client.app),
+            timeout=self.client.settings.heartbeat_timeout,
+            by=f"producer {self.job_id}",
+        )
+        last_reclaim = 0.0
         # Subscribe before the first read, so no notification falls in between.
         listener = self.client.store.listen(self.job_id)
-        status = self.status()
+        status = self._first_status(deadline)
         bar = tqdm(
             total=status.images_total,
             unit="img",
@@ -216,6 +226,9 @@ class Job:
                 if check is not None:
                     check()
                 last_read = time.monotonic()
+                if last_read - last_reclaim >= self.client.settings.heartbeat_interval:
+                    last_reclaim = last_read
+                    self._reclaim(reclaimer)
                 before = status.images_finished
                 status = self._status_patiently(status, deadline)
                 if status.images_finished != before:
@@ -230,8 +243,35 @@ class Job:
                     )
                     last_progress = last_read
         finally:
+            reclaimer.broker.close()
             listener.close()
             bar.close()
+
+    def _reclaim(self, reclaimer: Reclaimer) -> None:
+        """Put dead workers' tasks back on their queues; Redis away only delays it."""
+        try:
+            reclaimer.run(lock_s=self.client.settings.heartbeat_interval)
+        except BROKER_ERRORS as exc:
+            log.debug("job %s: recovery pass skipped: %s", self.job_id, exc)
+            reclaimer.broker.close()
+
+    def _first_status(self, deadline: float | None) -> JobStatus:
+        """The job's status, retried for a while when Redis is away (a restart, or a
+        failover that Sentinel has not finished announcing)."""
+        give_up = time.monotonic() + 120.0
+        while True:
+            try:
+                return self.status()
+            except (
+                redis.exceptions.ConnectionError,
+                redis.exceptions.TimeoutError,
+                redis.exceptions.BusyLoadingError,
+            ) as exc:
+                now = time.monotonic()
+                if now > give_up or (deadline is not None and now > deadline):
+                    raise
+                log.warning("job %s: Redis unreachable (%s); still waiting", self.job_id, exc)
+                time.sleep(0.5)
 
     def _status_patiently(self, last: JobStatus, deadline: float | None) -> JobStatus:
         """The job's status; while Redis is unreachable (a restart), the last one seen."""

@@ -538,18 +538,20 @@ def report(job_id: str, out: Path | None, png_dir: Path | None, page_size: int) 
     help="Models whose queues to report (default: every model in the registry).",
 )
 def metrics(port: int, address: str, models: tuple[str, ...]) -> None:
-    """Serve Prometheus metrics: queue length per model, unacknowledged tasks."""
+    """Serve Prometheus metrics: queue length per model, unacknowledged tasks, workers."""
     import time
 
     from prometheus_client import start_http_server
     from prometheus_client.core import REGISTRY
 
-    from producer.metrics import QueueCollector
+    from producer.metrics import LivenessCollector, QueueCollector
+    from shared.liveness import BrokerRedis
 
     with _user_errors():
         client = Client()
         names = list(models) or list(client.registry())
         REGISTRY.register(QueueCollector(client.store.client, names))
+        REGISTRY.register(LivenessCollector(BrokerRedis(client.app)))
     start_http_server(port, addr=address)
     click.echo(
         f"serving metrics for {', '.join(names)} on http://{address}:{port}/metrics", err=True
@@ -591,6 +593,12 @@ def models(as_json: bool) -> None:
         )
         if s.description:
             click.echo(f"  about:      {s.description}")
+
+
+# imgq workers: the liveness listing, in its own module.
+from producer.workers_cmd import workers as _workers  # noqa: E402
+
+main.add_command(_workers)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,5 +1,6 @@
 """Prometheus metrics for what Flower does not export: the length of every model's
-queue and the messages taken but not yet acknowledged. (Per-job progress is what
+queue and the messages taken but not yet acknowledged, workers alive and dead, and
+the tasks recovered from dead workers or sent again. (Per-job progress is what
 ``imgq status`` shows; it is not exported here.)
 
     imgq metrics --port 9808        # then scrape http://host:9808/metrics
@@ -14,10 +15,11 @@ import logging
 from collections.abc import Iterator, Sequence
 
 import redis
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from shared.broker_keys import UNACKED_KEY
+from shared.liveness import BROKER_ERRORS, RECOVERED_KEY, RESENT_KEY, BrokerRedis, Liveness
 from shared.registry import queue_for
 
 log = logging.getLogger(__name__)
@@ -60,3 +62,40 @@ class QueueCollector(Collector):
         yield up
         yield queued
         yield unacked
+
+
+class LivenessCollector(Collector):
+    """Collects worker liveness and recovery counts from the broker's Redis at each scrape."""
+
+    def __init__(self, broker: BrokerRedis) -> None:
+        self.broker = broker
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """The metric families, freshly read."""
+        try:
+            client = self.broker.client
+            workers = Liveness(client, timeout=0).workers()
+            recovered_raw, resent_raw = client.mget([RECOVERED_KEY, RESENT_KEY])
+        except BROKER_ERRORS as exc:
+            log.warning("metrics: Redis unreachable: %s", exc)
+            self.broker.close()
+            return
+        listed = GaugeMetricFamily(
+            "imgq_workers", "Workers by state (dead: heartbeat expired)", labels=["state"]
+        )
+        alive = sum(1 for w in workers if w.alive)
+        listed.add_metric(["alive"], float(alive))
+        listed.add_metric(["dead"], float(len(workers) - alive))
+        recovered = CounterMetricFamily(
+            "imgq_tasks_recovered",
+            "Tasks put back on their queues because the worker holding them was dead",
+        )
+        recovered.add_metric([], float(recovered_raw or 0))
+        resent = CounterMetricFamily(
+            "imgq_tasks_resent",
+            "Tasks sent again by the sweep: in no queue, held by no worker, without a result",
+        )
+        resent.add_metric([], float(resent_raw or 0))
+        yield listed
+        yield recovered
+        yield resent

@@ -44,7 +44,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # within about visibility_timeout + this interval.
             "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 10)),
             "unacked_restore_throttle": 1,
+            **_sentinel_options(settings.broker_url, settings),
         },
+        "result_backend_transport_options": _sentinel_options(settings.backend_url, settings),
         # Result writes retry through a Redis restart (about a minute at most).
         "result_backend_always_retry": True,
         "result_backend_max_retries": 20,
@@ -76,6 +78,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _sentinel_options(url: str, settings: Settings) -> dict[str, Any]:
+    """Transport options a ``sentinel://`` URL needs (the master's name); none otherwise."""
+    if not url.startswith("sentinel"):
+        return {}
+    # Sentinels are asked for the current master on every (re)connection, so a
+    # failover moves workers and producers to the promoted replica.
+    return {"master_name": settings.sentinel_master}
+
+
 def create_app(settings: Settings | None = None, *, include: list[str] | None = None) -> Celery:
     """A Celery app configured from ``settings`` (read from the environment when omitted).
 
@@ -93,7 +104,7 @@ def job_store_for(app: Celery) -> JobStore:
     if client is None:
         raise RuntimeError(
             f"imgq keeps job records in Redis; the result backend {app.conf.result_backend!r} "
-            "is not a Redis URL (set IMGQ_RESULT_BACKEND to redis:// or rediss://)"
+            "is not a Redis URL (set IMGQ_RESULT_BACKEND to redis://, rediss:// or sentinel://)"
         )
     return JobStore(client, ttl=int(app.conf.result_expires))
 

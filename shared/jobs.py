@@ -299,10 +299,11 @@ class ProgressListener:
             self._pubsub = None
 
 
-def attempt_keys(tid: str) -> tuple[str, str, str]:
-    """The keys of a task's delivery bookkeeping: attempts, in-flight image, partial records."""
+def attempt_keys(tid: str) -> tuple[str, str, str, str]:
+    """The keys of a task's delivery bookkeeping: attempts, in-flight image, partial
+    records, deaths per image."""
     prefix = f"imgq:task:{tid}:"
-    return prefix + "attempts", prefix + "inflight", prefix + "partial"
+    return prefix + "attempts", prefix + "inflight", prefix + "partial", prefix + "strikes"
 
 
 class AttemptStore:
@@ -311,7 +312,8 @@ class AttemptStore:
 
     Keys (expiring with the job): ``imgq:task:<id>:attempts`` (deliveries started),
     ``:inflight`` (the image being worked on, one at a time, after a first crash),
-    ``:partial`` (records already made, kept across crashes).
+    ``:partial`` (records already made, kept across crashes), ``:strikes`` (process
+    deaths while an image was in flight, per image).
     """
 
     def __init__(self, client: redis.Redis, *, ttl: int) -> None:
@@ -343,6 +345,14 @@ class AttemptStore:
         """Records already made by earlier deliveries, by position in the chunk."""
         raw: dict[bytes, bytes] = self.client.hgetall(self._key(tid, "partial"))  # type: ignore[assignment]
         return {int(k): json.loads(v) for k, v in raw.items()}
+
+    def strike(self, tid: str, index: int) -> int:
+        """Count one more process death while an image was being worked on; the count."""
+        key = self._key(tid, "strikes")
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hincrby(key, str(index), 1)
+        pipe.expire(key, self.ttl)
+        return int(pipe.execute()[0])
 
     def save_partial(self, tid: str, index: int, record: ResultDict) -> None:
         """Keep one record so that a later delivery does not redo it."""

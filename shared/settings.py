@@ -57,6 +57,38 @@ class Settings(BaseSettings):
         ),
     )
 
+    sentinel_master: str = Field(
+        "mymaster",
+        min_length=1,
+        description=(
+            "Name of the Redis master the Sentinels watch, for sentinel:// broker and "
+            "result backend URLs."
+        ),
+    )
+
+    # --- liveness and recovery -----------------------------------------------
+    heartbeat_interval: float = Field(
+        2.0, gt=0, le=60, description="Seconds between a worker's heartbeats."
+    )
+    heartbeat_timeout: float = Field(
+        10.0,
+        ge=1,
+        le=3600,
+        description=(
+            "Seconds without a heartbeat after which a worker counts as dead and the "
+            "tasks it held go back on their queues."
+        ),
+    )
+    sweep_grace: float = Field(
+        60.0,
+        ge=1,
+        description=(
+            "Seconds a job may go without progress before workers look for tasks of it "
+            "that are in no queue, held by no live worker and without a result, and send "
+            "them again."
+        ),
+    )
+
     # --- producer ------------------------------------------------------------
     chunk_size: int = Field(32, ge=1, le=4096, description="Image references per task.")
 
@@ -161,6 +193,16 @@ class Settings(BaseSettings):
         # IMGQ_MIXED_PRECISION=true predates IMGQ_PRECISION; an explicit precision wins.
         if self.mixed_precision and "precision" not in self.model_fields_set:
             self.precision = Precision.FP16
+        return self
+
+    @model_validator(mode="after")
+    def _heartbeat_fits(self) -> Settings:
+        if self.heartbeat_timeout < 2 * self.heartbeat_interval:
+            raise ValueError(
+                f"IMGQ_HEARTBEAT_TIMEOUT ({self.heartbeat_timeout:g}) must be at least twice "
+                f"IMGQ_HEARTBEAT_INTERVAL ({self.heartbeat_interval:g}), or a live worker "
+                "that misses one beat counts as dead"
+            )
         return self
 
     @property

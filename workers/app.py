@@ -14,6 +14,7 @@ from workers.options import add_worker_options
 
 app = create_app(include=["workers.tasks", "workers.lifecycle", "workers.results"])
 add_worker_options(app)
+app.steps["consumer"].add("workers.liveness:ReleaseOnReconnect")
 
 
 @lru_cache(maxsize=1)

@@ -18,6 +18,7 @@ from shared.registry import model_from_queue, queue_for
 from shared.settings import Settings, get_settings
 from workers import metrics
 from workers.classifier import ModelLoadError
+from workers.liveness import start_heartbeat, stop_heartbeat
 from workers.options import worker_options
 from workers.runtime import Runtime
 from workers.state import get_runtime, set_runtime
@@ -77,6 +78,14 @@ def load_models(sender: Any = None, instance: Any = None, **_: Any) -> None:
     except ModelLoadError as exc:
         _fail(str(exc))
     set_runtime(runtime)
+    # Alive (and recovering others' work) from before the first task arrives.
+    start_heartbeat(
+        instance.app,
+        instance.hostname,
+        list(runtime.classifiers),
+        list(instance.app.amqp.queues.consume_from),
+        _settings(),
+    )
     # TensorFlow and the models leave millions of long-lived Python objects;
     # moving them out of the collector's sight keeps full collections, which the
     # per-image records trigger, from traversing them again and again.
@@ -103,7 +112,8 @@ def _serve_metrics(settings: Settings) -> None:
 
 @worker_shutdown.connect
 def release(**_: Any) -> None:
-    """Close the runtime when the worker stops."""
+    """Stop the heartbeat and close the runtime when the worker stops."""
+    stop_heartbeat()
     try:
         get_runtime().close()
     except RuntimeError:

@@ -24,6 +24,8 @@ from workers.state import get_runtime
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# Process deaths with the same image in flight after which that image is skipped.
+STRIKES_TO_SKIP = 2
 # How long bookkeeping writes keep trying while Redis is away (a restart).
 REDIS_PATIENCE_S = 120.0
 
@@ -171,7 +173,12 @@ def _classify_isolated(
     runtime_classify: Callable[..., list[ResultDict]],
 ) -> list[ResultDict]:
     """One image at a time, each recorded before the next: an image that was being
-    worked on when a process died is not tried again but gets ``worker_crashed``."""
+    worked on when a process died twice is not tried again but gets ``worker_crashed``.
+
+    Twice, not once: a worker killed from outside (preemption, an OOM kill, a scale
+    down) looks the same as one killed by its input, and one such death must not
+    cost an image its result.
+    """
     store = attempt_store()
     done = store.partial(tid)
     crashed = store.inflight(tid)
@@ -179,16 +186,18 @@ def _classify_isolated(
     for i, ref in enumerate(refs):
         record = done.get(i)
         if record is None:
-            if i == crashed:
+            if i == crashed and store.strike(tid, i) >= STRIKES_TO_SKIP:
                 log.error(
-                    "task %s: %s was being classified when a worker died; skipped", tid, ref.src
+                    "task %s: %s was being classified when a worker died, twice; skipped",
+                    tid,
+                    ref.src,
                 )
                 record = error_result(
                     job_id,
                     ref.src,
                     model,
                     ErrorCode.WORKER_CRASHED,
-                    "a worker process died while classifying this image; it is not tried "
+                    "a worker process died while classifying this image, twice; it is not tried "
                     "again so that the job can finish (see the worker logs)",
                 )
             else:

@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from shared.jobs import task_id
 from tests.browser import Browser
 from tests.conftest import ARTIFACTS, ROOT, WorkerProcess, free_port, run_cli
+from tests.queues import waiting
 
 pytestmark = pytest.mark.slow
 
@@ -284,7 +285,7 @@ def test_queue_lengths_per_model(
         # t1001 runs, tprobs waits: its three tasks are the queue's three messages.
         poll("t1001 done", lambda: job.status().models["t1001"].pending == 0, timeout=60)
         assert job.status().models["tprobs"].done == 0
-        assert r.llen("imgq.tprobs") == 3
+        assert waiting(r, "imgq.tprobs") == 3
         lengths = {
             q["name"]: q["messages"] for q in flower.get("/api/queues/length")["active_queues"]
         }
@@ -310,11 +311,11 @@ def test_queue_lengths_per_model(
             q["name"]: q["messages"] for q in flower.get("/api/queues/length")["active_queues"]
         }
         assert "imgq.tprobs" not in lengths and "imgq.t1001" in lengths, lengths
-        assert r.llen("imgq.tprobs") == 3
+        assert waiting(r, "imgq.tprobs") == 3
     finally:
         control("add-consumer")
     assert job.wait(progress=False, timeout=60).finished
-    assert r.llen("imgq.tprobs") == 0
+    assert waiting(r, "imgq.tprobs") == 0
     flower.get("/api/workers", refresh=1)  # Flower's view of the queues, as before
 
 

@@ -19,10 +19,10 @@ from PIL import Image
 
 from producer.api import Client
 from shared.jobs import task_id
-from shared.priority import queue_lists
 from shared.registry import load_registry, queue_for
 from shared.settings import Settings
 from tests.conftest import ROOT, WorkerProcess, run_cli
+from tests.queues import waiting
 from workers.batcher import DynamicBatcher, Skipped
 from workers.classifier import Classifier
 
@@ -96,10 +96,6 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def waiting(client: Client) -> int:
-    return sum(int(client.store.client.llen(k)) for k in queue_lists(queue_for(MODEL)))  # type: ignore[arg-type]
-
-
 def test_urgent_job_overtakes_a_big_one(
     worker: WorkerProcess, client: Client, many: list[str]
 ) -> None:
@@ -126,7 +122,8 @@ def test_cancel_a_big_job_on_a_slow_model(
     assert result.returncode == 0, result.stderr
     assert f"cancelled job {big.job_id}:" in result.stdout
     at_cancel = tasks_finished(client, big.job_id)
-    assert waiting(client) == 0  # every waiting task of the job left the queue
+    # Every waiting task of the job left the queue.
+    assert waiting(client.store.client, queue_for(MODEL)) == 0
     # About 20 tasks' time: the worker finishes at most the batch it had.
     time.sleep(5)
     after = tasks_finished(client, big.job_id)

@@ -1,0 +1,239 @@
+"""Job control benchmarks: how fast a cancel takes hold, and whether priorities hold under load.
+
+    python benchmarks/jobctl.py           # about 3 minutes on 2 CPU cores
+    python benchmarks/jobctl.py --json out.json
+
+1. cancel: a job on ResNet-50 (random weights, batches of 8, one worker with 4
+   task threads) is cancelled mid-run; printed: how long ``cancel`` took, the time
+   from the cancel to the last of its tasks leaving the model, the tasks (one
+   batch each) that finished after it, and the model time they used.
+   Target: at most one batch per worker.
+2. priority: a worker busy with a 4,000-image job (no-op model, every task about
+   100 ms, 4 task threads); an urgent 64-image job is submitted, once per design:
+   - "priority steps" (what imgq does): one Redis list per level of a model's
+     queue, the urgent job at priority 9;
+   - "queue per level, round robin": the urgent job on a second queue of the same
+     model, the worker consuming both with kombu's default order;
+   - "queue per level, priority order": the same with ``queue_order_strategy``
+     "priority" (the urgent queue always asked first).
+   Printed: the urgent job's time to its last result, and how many images of the
+   big job finished in the meantime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.run import Stack, build_resnet50, build_zeros, write_tiny  # noqa: E402
+
+CANCEL_BATCH = 8
+URGENT = 64
+BIG = 4000
+TASK_DELAY_MS = 100  # each priority-run task waits this long for a batch that never fills
+
+
+def models_toml(workdir: Path) -> Path:
+    """Three registry entries: ResNet-50, and one no-op model under two names (two queues)."""
+    text = (
+        f'[models.bench_resnet]\nhandle = "{workdir / "resnet50"}"\ninput_size = 224\n'
+        f'labels = "imagenet1k"\nbatch_size = {CANCEL_BATCH}\n\n'
+    )
+    for name in ("bench_zero", "bench_zero_hi"):
+        text += (
+            f'[models.{name}]\nhandle = "{workdir / "zeros"}"\ninput_size = 32\n'
+            f'labels = "imagenet1k"\nbatch_size = 32\nmax_batch_delay_ms = {TASK_DELAY_MS}\n\n'
+        )
+    path = workdir / "models.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+class Finishes:
+    """Times at which a job's tasks finish, from its progress notifications."""
+
+    def __init__(self, client: Any, job_id: str) -> None:
+        self.times: list[float] = []
+        self._pubsub = client.store.client.pubsub(ignore_subscribe_messages=True)
+        self._pubsub.subscribe(f"imgq:job:{job_id}:progress")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            message = self._pubsub.get_message(timeout=0.1)
+            if message is not None and message["data"] != b"cancelled":
+                self.times.append(time.monotonic())
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._pubsub.close()
+
+
+def measure_cancel(stack: Stack, images: list[str], rounds: int) -> list[dict[str, float]]:
+    """Cancel a running ResNet-50 job, ``rounds`` times."""
+    stack.start_worker("bench_resnet")
+    client = stack.client()
+    out = []
+    for _ in range(rounds):
+        job = client.submit(images, models=["bench_resnet"], chunk_size=CANCEL_BATCH)
+        finishes = Finishes(client, job.job_id)
+        while len(finishes.times) < 6:  # running at full speed, every task slot busy
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        outcome = job.cancel()
+        t1 = time.monotonic()
+        # Quiet for 5 s (several batch times): nothing more will finish.
+        while time.monotonic() - max([t1, *finishes.times]) < 5:
+            time.sleep(0.1)
+        finishes.close()
+        before = [t for t in finishes.times if t < t0]
+        after = [t for t in finishes.times if t >= t0]
+        gaps = [b - a for a, b in itertools.pairwise(before)]
+        batch_s = statistics.median(gaps)
+        out.append(
+            {
+                "cancel_s": t1 - t0,
+                "last_task_after_s": (after[-1] - t0) if after else 0.0,
+                "tasks_after": len(after),
+                "batch_s": batch_s,
+                "wasted_model_s": len(after) * batch_s,
+                "removed_tasks": outcome.removed_tasks,
+            }
+        )
+    stack.stop_worker()
+    return out
+
+
+def start_priority_worker(stack: Stack, design: str) -> None:
+    """The worker for one design (see the module doc)."""
+    if design == "priority steps":
+        stack.start_worker("bench_zero")
+        return
+    if design == "queue per level, round robin":
+        # Urgent queue first; kombu's default order rotates after every message.
+        stack.start_worker("bench_zero_hi", "--model", "bench_zero")
+        return
+    # Queue per level, priority order: the same queues through an app whose
+    # transport asks them in the order given.
+    stack.stop_worker()
+    log = stack.workdir / f"worker-prio-{time.monotonic_ns()}.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGQ_")}
+    env.update(
+        IMGQ_BROKER_URL=stack.redis.url,
+        IMGQ_MODELS_FILE=str(stack.models_file),
+        PYTHONPATH=str(ROOT),
+        TF_CPP_MIN_LOG_LEVEL="2",
+    )
+    cmd = [
+        sys.executable, "-m", "celery", "-A", "benchmarks.priority_order_app", "worker",
+        "--pool", "threads", "-Q", "imgq.bench_zero_hi,imgq.bench_zero",
+        "--hostname", f"prio-{os.getpid()}@%h", "--without-gossip", "--without-mingle",
+        "--loglevel", "INFO",
+    ]  # fmt: skip
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+
+    class Handle:
+        def stop(self) -> None:
+            proc.terminate()
+            proc.wait(60)
+
+    deadline = time.monotonic() + 300
+    while " ready." not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"worker did not start: {log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    stack.worker = Handle()
+
+
+def measure_priority(stack: Stack, images: list[str], design: str) -> dict[str, float]:
+    """An urgent job submitted while a big one keeps the worker busy."""
+    start_priority_worker(stack, design)
+    client = stack.client()
+    big = client.submit(images[:BIG], models=["bench_zero"], chunk_size=4)
+    finishes = Finishes(client, big.job_id)
+    while len(finishes.times) < 20:
+        time.sleep(0.05)
+    finishes.close()
+    before = big.status().images_finished
+    t0 = time.monotonic()
+    if design == "priority steps":
+        urgent = client.submit(images[:URGENT], models=["bench_zero"], chunk_size=4, priority=9)
+    else:
+        urgent = client.submit(images[:URGENT], models=["bench_zero_hi"], chunk_size=4)
+    urgent.wait(progress=False, poll_interval=0.02, timeout=600)
+    t1 = time.monotonic()
+    during = big.status().images_finished - before
+    big.cancel()
+    stack.stop_worker()
+    return {"urgent_s": t1 - t0, "big_images_during": during, "task_s": TASK_DELAY_MS / 1000}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=2, help="cancel rounds")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="imgq-bench-jobctl-"))
+    print(f"working in {workdir}", file=sys.stderr)
+    build_resnet50(workdir / "resnet50")
+    build_zeros(workdir / "zeros")
+    models = models_toml(workdir)
+    images = [str(p) for p in write_tiny(workdir / "tiny", BIG)]
+    stack = Stack(workdir, models)
+    results: dict[str, Any] = {"cancel": [], "priority": {}}
+    print("imgq job control (one worker, 4 task threads)", flush=True)
+    try:
+        results["cancel"] = measure_cancel(stack, images[:1600], args.rounds)
+        print_cancel(results["cancel"])
+        for design in (
+            "priority steps",
+            "queue per level, round robin",
+            "queue per level, priority order",
+        ):
+            r = results["priority"][design] = measure_priority(stack, images, design)
+            print(
+                f"  urgent {URGENT}-image job behind {BIG} images, {design + ':':<34} "
+                f"last result after {r['urgent_s']:.2f} s, "
+                f"{r['big_images_during']:>4} big-job images ran meanwhile",
+                flush=True,
+            )
+    finally:
+        stack.close()
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
+    return 0
+
+
+def print_cancel(rounds: list[dict[str, float]]) -> None:
+    """One line per cancel round."""
+    for i, r in enumerate(rounds, 1):
+        print(
+            f"  cancel round {i}: cancel {r['cancel_s'] * 1000:.0f} ms "
+            f"({r['removed_tasks']} queued tasks removed); last task left the model "
+            f"{r['last_task_after_s']:.2f} s after; {r['tasks_after']} batch(es) of "
+            f"{CANCEL_BATCH} after the cancel, {r['wasted_model_s']:.2f} s of model time "
+            f"(a batch: {r['batch_s']:.2f} s; target <= 1 batch per worker: "
+            f"{'meets' if r['tasks_after'] <= 1 else 'misses'})",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

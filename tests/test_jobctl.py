@@ -262,3 +262,21 @@ def test_wait_times_out_without_workers(client: Client, env: dict[str, str]) -> 
     with pytest.raises(JobTimeout):
         job.wait(progress=False, timeout=0.3)
     job.cancel()
+
+
+def test_cancel_in_slices_keeps_the_others_in_order(
+    client: Client, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shared.jobctl
+
+    monkeypatch.setattr(shared.jobctl, "PURGE_SLICE", 2)  # several slices, one odd-sized
+    r = client.store.client
+    before = client.submit(images(env), models=["jcb"])
+    doomed = client.submit(images(env), models=["jcb"])
+    after = client.submit(images(env, 8), models=["jcb"])
+    assert doomed.cancel().removed_tasks == 3
+    # Oldest last (the end workers take from), as the transport pushed them.
+    expected = (before.record.task_ids("jcb") + after.record.task_ids("jcb"))[::-1]
+    assert queued_ids(r, "jcb") == {queue_for("jcb") + "\x06\x164": expected}
+    before.cancel()
+    after.cancel()

@@ -14,8 +14,8 @@ import click
 import redis
 from kombu.utils.url import maybe_sanitize_url
 
-from producer.api import Client, Job, JobTimeout
-from producer.jobctl_cli import add_job_commands
+from producer.api import Client, Job, JobCancelledError, JobTimeout
+from producer.jobctl_cli import JobWasCancelled, add_job_commands
 from producer.output import write_parquet, write_records
 from producer.runner import RunPlan
 from producer.runner import run as run_plan
@@ -36,6 +36,8 @@ def _user_errors() -> Iterator[None]:
     """Turn the errors a user can cause into one clear line and exit status 1."""
     try:
         yield
+    except JobCancelledError as exc:  # while waiting: someone cancelled the job
+        raise JobWasCancelled(str(exc)) from exc
     except (JobError, RegistryError, SourceError, ValueError, ResultsStoreError) as exc:
         raise click.ClickException(str(exc)) from exc
     except redis.exceptions.ConnectionError as exc:

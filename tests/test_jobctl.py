@@ -280,3 +280,25 @@ def test_cancel_in_slices_keeps_the_others_in_order(
     assert queued_ids(r, "jcb") == {queue_for("jcb") + "\x06\x164": expected}
     before.cancel()
     after.cancel()
+
+
+def test_submit_wait_stops_when_the_job_is_cancelled(client: Client, env: dict[str, str]) -> None:
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "producer.cli", "submit", *images(env, 4), "--model", "jca",
+         "--job-id", "jobctl-cancel-waiting", "--wait", "--no-progress"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not client.store.client.exists("imgq:job:jobctl-cancel-waiting"):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        client.cancel("jobctl-cancel-waiting")
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 5 and "was cancelled" in err.strip().splitlines()[-1]

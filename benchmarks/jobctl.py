@@ -41,6 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.run import Stack, build_resnet50, build_zeros, write_tiny  # noqa: E402
+from producer.embedded import EmbeddedWorker  # noqa: E402
+from shared.registry import queue_for  # noqa: E402
 
 CANCEL_BATCH = 8
 URGENT = 64
@@ -135,33 +137,33 @@ def start_priority_worker(stack: Stack, design: str) -> None:
     # transport asks them in the order given.
     stack.stop_worker()
     log = stack.workdir / f"worker-prio-{time.monotonic_ns()}.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGQ_")}
-    env.update(
-        IMGQ_BROKER_URL=stack.redis.url,
-        IMGQ_MODELS_FILE=str(stack.models_file),
-        PYTHONPATH=str(ROOT),
-        TF_CPP_MIN_LOG_LEVEL="2",
-    )
-    cmd = [
-        sys.executable, "-m", "celery", "-A", "benchmarks.priority_order_app", "worker",
-        "--pool", "threads", "-Q", "imgq.bench_zero_hi,imgq.bench_zero",
-        "--hostname", f"prio-{os.getpid()}@%h", "--without-gossip", "--without-mingle",
-        "--loglevel", "INFO",
-    ]  # fmt: skip
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    stack.worker = PriorityOrderWorker(
+        ["bench_zero_hi", "bench_zero"],
+        stack.redis.url,
+        log,
+        env={"IMGQ_MODELS_FILE": str(stack.models_file), "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+    ).start()
+    stack.worker.wait_ready(timeout=300)
 
-    class Handle:
-        def stop(self) -> None:
-            proc.terminate()
-            proc.wait(60)
 
-    deadline = time.monotonic() + 300
-    while " ready." not in log.read_text(errors="replace"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"worker did not start: {log.read_text()[-3000:]}")
-        time.sleep(0.2)
-    stack.worker = Handle()
+class PriorityOrderWorker(EmbeddedWorker):
+    """``celery -A benchmarks.priority_order_app worker -Q <the models' queues, in order>``."""
+
+    def start(self) -> PriorityOrderWorker:
+        """Start it like an ``imgq worker``, on the benchmark's app."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("IMGQ_")}
+        env.update(IMGQ_BROKER_URL=self.broker_url, TF_CPP_MIN_LOG_LEVEL="2", **self.env)
+        cmd = [
+            sys.executable, "-m", "celery", "-A", "benchmarks.priority_order_app", "worker",
+            "--pool", "threads", "-Q", ",".join(queue_for(m) for m in self.models),
+            "--hostname", self.hostname, "--loglevel", "INFO",
+        ]  # fmt: skip
+        with open(self.log_path, "ab") as fh:
+            self.proc = subprocess.Popen(
+                cmd, env=env, cwd=self.cwd, stdout=fh, stderr=subprocess.STDOUT
+            )
+        return self
 
 
 def measure_priority(stack: Stack, images: list[str], design: str) -> dict[str, float]:

@@ -10,15 +10,13 @@ Why this and not a queue per level: docs/benchmarks.md (job control).
 
 from __future__ import annotations
 
-from kombu.transport.redis import Channel
+from shared.broker_keys import PRIORITY_SEPARATOR
 
 MIN_PRIORITY = 0
 MAX_PRIORITY = 9
 DEFAULT_PRIORITY = 5
 # One Redis list per level: BRPOP takes the most urgent list that has a message.
 PRIORITY_STEPS = list(range(MAX_PRIORITY + 1))
-# kombu's separator between a queue's name and its priority step.
-_SEP: str = Channel.sep
 
 
 class PriorityError(ValueError):
@@ -41,4 +39,4 @@ def transport_priority(priority: int) -> int:
 
 def queue_lists(queue: str) -> list[str]:
     """The Redis lists that hold a queue's waiting messages, most urgent first."""
-    return [queue if step == 0 else f"{queue}{_SEP}{step}" for step in PRIORITY_STEPS]
+    return [queue if step == 0 else f"{queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS]

@@ -154,9 +154,12 @@ def test_a_cancelled_jobs_task_is_dropped_before_reading(
     from shared.schemas import ImageRef
 
     missing = [ImageRef(src="gone.jpg", ref=str(tmp_path / "gone.jpg"))]
-    job = client.submit(missing, models=[MODEL], name="dropped")
+    # The job is recorded without sending its task (a submit would send it, and the
+    # idle worker could start it before the cancel: it would then run, rightly).
+    record = client.store.create("jobctl-dropped", [MODEL], [missing], chunk_size=1)
+    job = Job(client, record)
     job.cancel()
-    Job(client, job.record).send_chunk(MODEL, 0, missing)
+    job.send_chunk(MODEL, 0, missing)
     tid = task_id(job.job_id, MODEL, 0)
     result = client.app.AsyncResult(tid)
     wait_for(lambda: result.state == "REVOKED", 60, "the task to be revoked")

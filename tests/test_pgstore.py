@@ -23,6 +23,7 @@ from shared.results_store import PostgresResultsStore, ResultsStoreError
 from shared.settings import Settings
 from tests.conftest import WorkerProcess, run_cli
 from tests.pg import PostgresServer, row_count, with_schema
+from tests.queues import waiting
 from tests.test_faults import SLOW, make_images, succeeded, wait_for
 
 PASSWORD = "pg-s3cret-word"
@@ -224,13 +225,13 @@ def test_worker_that_cannot_reach_its_store_does_not_consume(
     client = Client(Settings(**_settings(imgq_env, "redis")))
     job = client.submit(make_images(tmp_path / "imgs", 1), models=["tsolo"])
     queue = client.store.client
-    assert queue.llen("imgq.tsolo") == 1
+    assert waiting(queue, "imgq.tsolo") == 1
     worker = start_worker("tsolo", name="pg-down", wait=False, env={"IMGQ_RESULTS_URL": down})
     assert worker.proc.wait(120) == 2
     out = worker.output()
     assert "imgq worker cannot start: results store" in out
     assert "cannot reach the PostgreSQL server" in out and PASSWORD not in out
-    assert queue.llen("imgq.tsolo") == 1  # nothing taken
+    assert waiting(queue, "imgq.tsolo") == 1  # nothing taken
     queue.delete("imgq.tsolo")
     del job
 

@@ -23,8 +23,10 @@ from producer.sources import expand_sources
 from shared import open_jobs
 from shared.celery_app import CLASSIFY_TASK, create_app, job_store_for
 from shared.contract import ClassifyMessage, task_id
+from shared.jobctl import CancelOutcome, JobState, JobSummary, cancel_job, check_name, list_jobs
 from shared.jobs import JobRecord, JobStatus, JobStore, check_job_id, new_job_id
 from shared.liveness import BROKER_ERRORS, BrokerRedis, Reclaimer
+from shared.priority import DEFAULT_PRIORITY, check_priority, transport_priority
 from shared.registry import ModelSpec, get_model, load_registry, queue_for
 from shared.results_store import ResultsStore, gc_paused, results_store_for
 from shared.schemas import ImageRef, ResultRecord
@@ -36,6 +38,10 @@ log = logging.getLogger(__name__)
 
 class JobTimeout(TimeoutError):
     """``wait`` ran out of time before the job finished."""
+
+
+class JobCancelledError(RuntimeError):
+    """The job was cancelled: ``wait`` stops, its missing images will never come."""
 
 
 class Client:
@@ -74,14 +80,20 @@ class Client:
         models: Sequence[str],
         job_id: str | None = None,
         chunk_size: int | None = None,
+        name: str = "",
+        priority: int = DEFAULT_PRIORITY,
     ) -> Job:
         """Record a job and queue one task per chunk and model; the job's handle.
 
         ``sources`` are expanded like the command line's (files, folders, globs,
-        manifests, URLs); ImageRef items are taken as they are.
+        manifests, URLs); ImageRef items are taken as they are. ``name`` is shown
+        wherever the job is (status, jobs, report, Flower); ``priority`` 0-9, higher
+        first: a worker takes the next task of the most urgent job it serves.
         """
         if not models:
             raise ValueError("name at least one model")
+        check_name(name)
+        check_priority(priority)
         registry = self.registry()
         models = list(dict.fromkeys(models))
         for model in models:
@@ -103,7 +115,9 @@ class Client:
         size = chunk_size or self.settings.chunk_size
         chunks = [refs[i : i + size] for i in range(0, len(refs), size)]
         jid = check_job_id(job_id) if job_id else new_job_id()
-        record = self.store.create(jid, models, chunks, chunk_size=size)
+        record = self.store.create(
+            jid, models, chunks, chunk_size=size, name=name, priority=priority
+        )
         open_jobs.track(self.store.client, jid)  # swept for lost tasks until it finishes
         job = Job(self, record)
         for index, chunk in enumerate(chunks):
@@ -114,6 +128,14 @@ class Client:
     def job(self, job_id: str) -> Job:
         """A handle on an existing job (a JobError when it is unknown or expired)."""
         return Job(self, self.store.get(job_id))
+
+    def jobs(self, *, limit: int = 20, states: set[JobState] | None = None) -> list[JobSummary]:
+        """Recent jobs, newest first, with their counts (only those in ``states`` if given)."""
+        return list_jobs(self.store, limit=limit, states=states)
+
+    def cancel(self, job_id: str) -> CancelOutcome:
+        """Cancel a job (see :meth:`Job.cancel`)."""
+        return cancel_job(self.store, job_id)
 
 
 class Job:
@@ -136,8 +158,10 @@ class Job:
             args=message.to_args(),
             task_id=message.task_id,
             queue=queue_for(model),
-            # What Flower shows: the job, model and size, not hundreds of paths.
-            argsrepr=message.argsrepr(),
+            priority=transport_priority(self.record.priority),
+            # What Flower shows (and searches): the job, its name, model and size,
+            # not hundreds of paths.
+            argsrepr=message.argsrepr(name=self.record.name),
             kwargsrepr="{}",
         )
         return message.task_id
@@ -146,8 +170,10 @@ class Job:
         """Queue again every task without a result (resume after an interruption); how many.
 
         Task ids are fixed, so a task that was still queued and now runs twice
-        writes the same result and counts once.
+        writes the same result and counts once. A cancelled job is not resent.
         """
+        if self.client.store.is_cancelled(self.job_id):
+            return 0
         finished = set(self.client.store.finished_tasks(self.job_id))
         sent = 0
         for index, chunk in enumerate(self.client.store.iter_chunks(self.job_id)):
@@ -161,6 +187,12 @@ class Job:
         """Per-model counts: total, done, failed, pending."""
         return self.client.store.status(self.job_id)
 
+    def cancel(self) -> CancelOutcome:
+        """Cancel the job: none of its tasks starts from now on (a batch already in a
+        model finishes), its waiting tasks leave the queues, its results so far stay.
+        A JobError (JobFinishedError) when it has already finished."""
+        return cancel_job(self.client.store, self.job_id)
+
     def wait(
         self,
         *,
@@ -170,6 +202,9 @@ class Job:
         check: Callable[[], None] | None = None,
     ) -> JobStatus:
         """Block until every task finished; a progress bar on stderr when ``progress``.
+
+        JobCancelledError when the job is (or gets) cancelled, JobTimeout after
+        ``timeout`` seconds.
 
         ``check`` is called at every poll and may raise to stop waiting (for
         example when the worker the caller started has died).
@@ -209,6 +244,11 @@ class Job:
                 failed = sum(c.failed for c in status.models.values())
                 bar.set_postfix(failed=failed, refresh=False)
                 bar.refresh()
+                if status.cancelled:
+                    raise JobCancelledError(
+                        f"job {self.job_id} was cancelled: {status.images_finished}/"
+                        f"{status.images_total} image results, the rest never classified"
+                    )
                 if status.finished:
                     return status
                 if deadline is not None and time.monotonic() > deadline:

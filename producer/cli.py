@@ -14,14 +14,17 @@ import click
 import redis
 from kombu.utils.url import maybe_sanitize_url
 
-from producer.api import Client, Job, JobTimeout
+from producer.api import Client, Job, JobCancelledError, JobTimeout
+from producer.jobctl_cli import JobWasCancelled, add_job_commands
 from producer.output import write_parquet, write_records
 from producer.runner import RunPlan
 from producer.runner import run as run_plan
 from producer.sources import SourceError
 from shared import __version__
 from shared.defaults import bounds_of, default_of
+from shared.jobctl import state_of
 from shared.jobs import JobError, JobStatus
+from shared.priority import DEFAULT_PRIORITY
 from shared.registry import RegistryError
 from shared.results_store import ResultsStoreError
 
@@ -33,6 +36,8 @@ def _user_errors() -> Iterator[None]:
     """Turn the errors a user can cause into one clear line and exit status 1."""
     try:
         yield
+    except JobCancelledError as exc:  # while waiting: someone cancelled the job
+        raise JobWasCancelled(str(exc)) from exc
     except (JobError, RegistryError, SourceError, ValueError, ResultsStoreError) as exc:
         raise click.ClickException(str(exc)) from exc
     except redis.exceptions.ConnectionError as exc:
@@ -80,6 +85,9 @@ def _print_status(status: JobStatus, *, as_json: bool) -> None:
             json.dumps(
                 {
                     "job_id": status.job.job_id,
+                    "name": status.job.name,
+                    "state": state_of(status).value,
+                    "priority": status.job.priority,
                     "finished": status.finished,
                     "created": status.job.created,
                     "images": status.job.total_images,
@@ -88,8 +96,12 @@ def _print_status(status: JobStatus, *, as_json: bool) -> None:
             )
         )
         return
-    state = "finished" if status.finished else "running"
-    click.echo(f"job {status.job.job_id}: {state}, {status.job.total_images} images")
+    state = state_of(status).value
+    named = f" ({status.job.name})" if status.job.name else ""
+    click.echo(f"job {status.job.job_id}{named}: {state}, {status.job.total_images} images")
+    if status.cancelled:
+        never = status.images_total - status.images_finished
+        click.echo(f"cancelled: {never} image results never made (pending below)")
     click.echo(f"{'model':<20} {'total':>8} {'done':>8} {'failed':>8} {'pending':>8}")
     for model, c in status.models.items():
         click.echo(f"{model:<20} {c.total:>8} {c.done:>8} {c.failed:>8} {c.pending:>8}")
@@ -211,6 +223,14 @@ def worker(
     help="A model to classify every image with (repeat for several).",
 )
 @click.option("--job-id", default=None, help="Choose the job id (letters, digits, - and _).")
+@click.option("--name", default="", help="A name shown with the job (status, jobs, Flower).")
+@click.option(
+    "--priority",
+    type=click.IntRange(0, 9),
+    default=DEFAULT_PRIORITY,
+    show_default=True,
+    help="0-9, higher runs first: workers take the most urgent job's tasks next.",
+)
 @click.option(
     "--chunk-size",
     type=int,
@@ -226,6 +246,8 @@ def submit(
     sources: tuple[str, ...],
     models: tuple[str, ...],
     job_id: str | None,
+    name: str,
+    priority: int,
     chunk_size: int | None,
     wait: bool,
     timeout: float | None,
@@ -242,7 +264,12 @@ def submit(
     with _user_errors():
         client = Client()
         job = client.submit(
-            list(sources), models=list(models), job_id=job_id, chunk_size=chunk_size
+            list(sources),
+            models=list(models),
+            job_id=job_id,
+            chunk_size=chunk_size,
+            name=name,
+            priority=priority,
         )
         click.echo(
             f"submitted job {job.job_id}: {job.record.total_images} images x "
@@ -466,7 +493,8 @@ def _write_reports(
                 activations=activations,
                 label_sets=label_sets,
                 page_size=page_size,
-                title=f"imgq job {job.job_id}",
+                title=f"imgq job {job.job_id}"
+                + (f": {job.record.name}" if job.record.name else ""),
             )
             click.echo(
                 f"wrote report {html}: {stats.images} images, {stats.pages} page(s), "
@@ -594,6 +622,13 @@ def models(as_json: bool) -> None:
         if s.description:
             click.echo(f"  about:      {s.description}")
 
+
+add_job_commands(
+    main,
+    print_status=lambda status: _print_status(status, as_json=False),
+    write_results=_write_results,
+    format_option=format_option,
+)
 
 # imgq workers: the liveness listing, in its own module.
 from producer.workers_cmd import workers as _workers  # noqa: E402

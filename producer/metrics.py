@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 
 from shared.broker_keys import UNACKED_KEY
 from shared.liveness import BROKER_ERRORS, RECOVERED_KEY, RESENT_KEY, BrokerRedis, Liveness
+from shared.priority import queue_lists
 from shared.registry import queue_for
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ class QueueCollector(Collector):
         try:
             pipe = self.client.pipeline(transaction=False)
             for model in self.models:
-                pipe.llen(queue_for(model))
+                for key in queue_lists(queue_for(model)):  # one list per priority level
+                    pipe.llen(key)
             pipe.hlen(UNACKED_KEY)
             values = pipe.execute()
         except redis.exceptions.RedisError as exc:
@@ -56,7 +58,9 @@ class QueueCollector(Collector):
             yield up
             return
         up.add_metric([], 1)
-        for model, length in zip(self.models, values[:-1], strict=True):
+        per_model = len(values[:-1]) // max(1, len(self.models))
+        for i, model in enumerate(self.models):
+            length = sum(values[i * per_model : (i + 1) * per_model])
             queued.add_metric([model, queue_for(model)], float(length))
         unacked.add_metric([], float(values[-1]))
         yield up

@@ -10,6 +10,7 @@ from celery import Celery
 from kombu import Queue
 
 from shared.jobs import AttemptStore, JobStore
+from shared.priority import PRIORITY_STEPS
 from shared.settings import Settings, get_settings
 
 CLASSIFY_TASK = "imgq.classify"
@@ -45,6 +46,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 10)),
             "unacked_restore_throttle": 1,
             **_sentinel_options(settings.broker_url, settings),
+            # A Redis list per job priority level (shared/priority.py): a worker
+            # takes the next task of the most urgent job waiting for its models.
+            "priority_steps": PRIORITY_STEPS,
         },
         "result_backend_transport_options": _sentinel_options(settings.backend_url, settings),
         # Result writes retry through a Redis restart (about a minute at most).

@@ -80,10 +80,11 @@ class ClassifyMessage(BaseModel):
         """The Celery task's positional arguments."""
         return [self.job_id, self.model, self.chunk, encode_images(self.images)]
 
-    def argsrepr(self) -> str:
-        """What monitoring shows for the task: job, model and size, not hundreds of paths."""
+    def argsrepr(self, name: str = "") -> str:
+        """What monitoring shows for the task: job, its name, model and size, not
+        hundreds of paths."""
         return (
-            f"(job={self.job_id!r}, model={self.model!r}, chunk={self.chunk}, "
+            f"(job={self.job_id!r}, name={name!r}, model={self.model!r}, chunk={self.chunk}, "
             f"images={len(self.images)})"
         )
 

@@ -2,9 +2,11 @@
 
 Keys (all expire after ``IMGQ_RESULT_EXPIRES`` seconds, with the results):
 
-- ``imgq:job:<id>``           hash: id, models, total images, chunk size, chunk count, created
+- ``imgq:job:<id>``           hash: id, models, total images, chunk size, chunk count, created,
+                              name, priority, cancelled (time, once cancelled)
 - ``imgq:job:<id>:chunks``    list: chunk i is a JSON list of image references
 - ``imgq:job:<id>:done``      hash: task id -> "ok failed" for every finished task
+- ``imgq:jobs``               sorted set: job id by creation time (``imgq jobs``)
 
 Task ids are derived (``<job>.<model>.<chunk>``, see ``shared.contract``), so a task
 delivered twice, or a job resubmitted with the same id, writes the same fields again:
@@ -25,10 +27,12 @@ from typing import Any
 import redis
 
 from shared.contract import ResultDict, decode_images, encode_images, parse_task_id, task_id
+from shared.priority import DEFAULT_PRIORITY
 from shared.schemas import ImageRef
 
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _PREFIX = "imgq:job:"
+JOB_INDEX_KEY = "imgq:jobs"
 _PUSH_BATCH = 1000
 
 
@@ -58,6 +62,9 @@ class JobRecord:
     chunk_size: int
     n_chunks: int
     created: float
+    name: str = ""
+    priority: int = DEFAULT_PRIORITY
+    cancelled: float | None = None  # when it was cancelled
 
     def task_ids(self, model: str) -> list[str]:
         """The job's task ids for one model, in chunk order."""
@@ -102,6 +109,11 @@ class JobStatus:
         return all(c.tasks_finished >= c.tasks_total for c in self.models.values())
 
     @property
+    def cancelled(self) -> bool:
+        """True when the job was cancelled (its unstarted tasks never run)."""
+        return self.job.cancelled is not None
+
+    @property
     def images_finished(self) -> int:
         """Image results (classified or failed) summed over models."""
         return sum(c.done + c.failed for c in self.models.values())
@@ -130,6 +142,8 @@ class JobStore:
         chunks: Sequence[Sequence[ImageRef]],
         *,
         chunk_size: int,
+        name: str = "",
+        priority: int = DEFAULT_PRIORITY,
     ) -> JobRecord:
         """Record a new job and its chunks; a JobError if the id is taken by a different job."""
         check_job_id(job_id)
@@ -140,6 +154,8 @@ class JobStore:
             chunk_size=chunk_size,
             n_chunks=len(chunks),
             created=time.time(),
+            name=name,
+            priority=priority,
         )
         meta: dict[Any, Any] = {  # redis-py types mapping keys invariantly
             "job_id": job_id,
@@ -148,6 +164,8 @@ class JobStore:
             "chunk_size": str(chunk_size),
             "n_chunks": str(record.n_chunks),
             "created": repr(record.created),
+            "name": name,
+            "priority": str(priority),
         }
         key = self._key(job_id)
         # HSETNX on the id field claims the job atomically; a second submit with
@@ -163,6 +181,10 @@ class JobStore:
             pipe.rpush(ckey, *encoded[start : start + _PUSH_BATCH])
         for k in (key, ckey, self._key(job_id, ":done")):
             pipe.expire(k, self.ttl)
+        # The index of jobs for listing; entries older than the records expire here too.
+        pipe.zadd(JOB_INDEX_KEY, {job_id: record.created})
+        pipe.zremrangebyscore(JOB_INDEX_KEY, "-inf", record.created - self.ttl)
+        pipe.expire(JOB_INDEX_KEY, self.ttl)
         pipe.execute()
         return record
 
@@ -183,7 +205,14 @@ class JobStore:
             chunk_size=int(data["chunk_size"]),
             n_chunks=int(data["n_chunks"]),
             created=float(data["created"]),
+            name=data.get("name", ""),
+            priority=int(data.get("priority", DEFAULT_PRIORITY)),
+            cancelled=float(data["cancelled"]) if "cancelled" in data else None,
         )
+
+    def is_cancelled(self, job_id: str) -> bool:
+        """True when the job was cancelled: its tasks must not start (one HEXISTS)."""
+        return bool(self.client.hexists(self._key(job_id), "cancelled"))
 
     def chunk(self, job_id: str, index: int) -> list[ImageRef]:
         """The image references of one chunk."""

@@ -26,7 +26,8 @@ from urllib.parse import unquote, urlsplit
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from shared.contract import ResultDict, error_result, task_id
-from shared.jobs import JobRecord, JobStore, attempt_keys
+from shared.jobs import JOB_INDEX_KEY, JobRecord, JobStore, attempt_keys
+from shared.open_jobs import OPEN_JOBS_KEY
 from shared.schemas import ErrorCode, ImageRef, ResultRecord, error_record
 
 log = logging.getLogger(__name__)
@@ -559,6 +560,12 @@ def delete_job_records(jobs: JobStore, job: JobRecord) -> int:
     deleted = 0
     for start in range(0, len(keys), _MGET_BATCH):
         deleted += int(jobs.client.delete(*keys[start : start + _MGET_BATCH]))
+    # Out of the job listing (imgq jobs) and the sweep's open jobs, with its state.
+    pipe = jobs.client.pipeline(transaction=False)
+    pipe.zrem(JOB_INDEX_KEY, job.job_id)
+    pipe.zrem(OPEN_JOBS_KEY, job.job_id)
+    pipe.delete(f"imgq:sweep:{job.job_id}")
+    pipe.execute()
     return deleted
 
 

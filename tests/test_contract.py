@@ -41,7 +41,9 @@ def test_message_has_the_wire_shape_and_round_trips() -> None:
     args = message.to_args()
     assert args == ["job-1", "m", 3, [["a.jpg", "/d/a.jpg"], "http://h/b"]]
     assert message.task_id == "job-1.m.000003"
-    assert message.argsrepr() == "(job='job-1', model='m', chunk=3, images=2)"
+    assert message.argsrepr() == "(job='job-1', name='', model='m', chunk=3, images=2)"
+    named = "(job='job-1', name='cats', model='m', chunk=3, images=2)"
+    assert message.argsrepr(name="cats") == named
     # What the worker gets back after the JSON trip through the broker.
     assert ClassifyMessage.from_args(*json.loads(json.dumps(args))) == message
 

@@ -19,6 +19,7 @@ import click
 import pytest
 import yaml
 
+from shared.priority import queue_lists
 from shared.registry import BUILTIN_MODELS, queue_for
 from shared.settings import Settings
 
@@ -524,16 +525,18 @@ def test_keda_scales_the_worker_on_its_queue(k8s_docs: list[dict[str, Any]]) -> 
         assert 0 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
         _, ctx = parse_imgq(container_argv(worker_container(deployments[target])))
         (model,) = ctx.params["models"]
-        (trigger,) = spec["triggers"]
-        assert trigger["type"] == "redis"
-        metadata = trigger["metadata"]
-        # Celery's Redis transport keeps the queue as a list with its name.
-        assert metadata["listName"] == queue_for(model)
-        assert int(metadata["listLength"]) >= 1
-        assert re.fullmatch(r"[\w.-]+:\d+", metadata["address"])
-        auth = trigger.get("authenticationRef", {}).get("name")
-        assert auth in auths or "passwordFromEnv" in metadata
-        queues.add(metadata["listName"])
+        # Celery's Redis transport keeps the queue as one list per priority level:
+        # a trigger for each, so that every job's backlog counts.
+        lists = [t["metadata"]["listName"] for t in spec["triggers"]]
+        assert sorted(lists) == sorted(queue_lists(queue_for(model)))
+        for trigger in spec["triggers"]:
+            assert trigger["type"] == "redis"
+            metadata = trigger["metadata"]
+            assert int(metadata["listLength"]) >= 1
+            assert re.fullmatch(r"[\w.-]+:\d+", metadata["address"])
+            auth = trigger.get("authenticationRef", {}).get("name")
+            assert auth in auths or "passwordFromEnv" in metadata
+        queues.add(queue_for(model))
     assert "imgq.resnet50" in queues
 
 

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from producer.api import Client
+from shared.priority import queue_lists
 from shared.settings import Settings
 from tests.conftest import RedisServer, WorkerProcess, wait_ready
 from tests.pg import row_count
@@ -399,7 +400,7 @@ def test_a_task_lost_on_the_way_is_sent_again(
     client = fast_redelivery_client(imgq_env)
     images = make_images(tmp_path / "imgs", 4)
     job = client.submit(images, models=["tsolo"], chunk_size=2)
-    assert client.store.client.delete("imgq.tsolo") == 1  # both tasks gone
+    assert client.store.client.delete(*queue_lists("imgq.tsolo")) == 1  # both tasks gone
     worker = start_worker("tsolo", name="lost", env=FAST_REDELIVERY)
     start = time.monotonic()
     status = job.wait(progress=False, timeout=120)

@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from shared.jobs import task_id
 from tests.browser import Browser
 from tests.conftest import ARTIFACTS, ROOT, WorkerProcess, free_port, run_cli
+from tests.queues import waiting
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +38,8 @@ AUTH = (USER, PASSWORD)
 MODELS = ["t1001", "tcustom"]
 # The short task summary the producer sets as argsrepr (producer.api.Job.send_chunk).
 ARGSREPR = re.compile(
-    r"^\(job='(?P<job>[\w-]+)', model='(?P<model>\w+)', chunk=(?P<chunk>\d+), "
+    r"^\(job='(?P<job>[\w-]+)', name='(?P<name>[^']*)', model='(?P<model>\w+)', "
+    r"chunk=(?P<chunk>\d+), "
     r"images=(?P<images>\d+)\)$"
 )
 
@@ -152,7 +154,7 @@ def test_job_in_flower_api_metrics_and_status(
     node = node_of(flower, shared_worker)
     assert "shared" in node
 
-    job = client.submit([str(photos)], models=MODELS, chunk_size=1)
+    job = client.submit([str(photos)], models=MODELS, chunk_size=1, name="holiday-snaps")
     assert job.wait(progress=False, timeout=120).finished
     ids = {t for m in MODELS for t in job.record.task_ids(m)}
     assert len(ids) == 3 * len(MODELS)
@@ -173,14 +175,16 @@ def test_job_in_flower_api_metrics_and_status(
         m = ARGSREPR.match(task["args"])
         assert m, task["args"]
         assert task_id(m["job"], m["model"], int(m["chunk"])) == tid
-        assert m["job"] == job.job_id
+        assert m["job"] == job.job_id and m["name"] == "holiday-snaps"
         # The summary, not the image list.
         assert str(photos) not in task["args"] and ".jpg" not in task["args"]
         images_by_model[m["model"]] += int(m["images"])
         tasks_by_model[m["model"]] += 1
 
-    # The Tasks page's search (and the API's) finds a job's tasks by its id in the summary.
+    # The Tasks page's search (and the API's) finds a job's tasks by its id or its
+    # name in the summary.
     assert set(flower.get("/api/tasks", search=job.job_id)) == ids
+    assert set(flower.get("/api/tasks", search="args:holiday-snaps")) == ids
     assert set(flower.get("/api/tasks", search=f"args:{job.job_id} AND args:tcustom")) == set(
         job.record.task_ids("tcustom")
     )
@@ -284,7 +288,7 @@ def test_queue_lengths_per_model(
         # t1001 runs, tprobs waits: its three tasks are the queue's three messages.
         poll("t1001 done", lambda: job.status().models["t1001"].pending == 0, timeout=60)
         assert job.status().models["tprobs"].done == 0
-        assert r.llen("imgq.tprobs") == 3
+        assert waiting(r, "imgq.tprobs") == 3
         lengths = {
             q["name"]: q["messages"] for q in flower.get("/api/queues/length")["active_queues"]
         }
@@ -310,11 +314,11 @@ def test_queue_lengths_per_model(
             q["name"]: q["messages"] for q in flower.get("/api/queues/length")["active_queues"]
         }
         assert "imgq.tprobs" not in lengths and "imgq.t1001" in lengths, lengths
-        assert r.llen("imgq.tprobs") == 3
+        assert waiting(r, "imgq.tprobs") == 3
     finally:
         control("add-consumer")
     assert job.wait(progress=False, timeout=60).finished
-    assert r.llen("imgq.tprobs") == 0
+    assert waiting(r, "imgq.tprobs") == 0
     flower.get("/api/workers", refresh=1)  # Flower's view of the queues, as before
 
 

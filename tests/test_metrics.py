@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from producer.api import Client
+from shared.priority import queue_lists
 from shared.settings import Settings
 from tests.conftest import ROOT, free_port
 
@@ -55,7 +56,7 @@ def test_queue_lengths_on_metrics(
         assert "imgq_unacked_tasks" in text
         assert 'model="resnet50"' in text  # every registry model is reported
     finally:
-        redis.Redis.from_url(imgq_env["IMGQ_BROKER_URL"]).delete("imgq.tmetric")
+        redis.Redis.from_url(imgq_env["IMGQ_BROKER_URL"]).delete(*queue_lists("imgq.tmetric"))
         proc.terminate()
         proc.wait(10)
     assert job.status().models["tmetric"].pending == 3

@@ -23,6 +23,7 @@ from shared.results_store import PostgresResultsStore, ResultsStoreError
 from shared.settings import Settings
 from tests.conftest import WorkerProcess, run_cli
 from tests.pg import PostgresServer, row_count, with_schema
+from tests.queues import waiting
 from tests.test_faults import SLOW, make_images, succeeded, wait_for
 
 PASSWORD = "pg-s3cret-word"
@@ -215,6 +216,11 @@ def test_delete_with_the_redis_store_removes_results_and_records(
     assert result.returncode == 0, result.stderr
     assert "2 result(s) from redis" in result.stderr
     assert not r.keys(f"*{job.job_id}*")
+    # Gone from the job listing and the sweep's open jobs too.
+    assert r.zscore("imgq:jobs", job.job_id) is None
+    assert r.zscore("imgq:jobs:open", job.job_id) is None
+    listed = run_cli(["jobs", "--json"], imgq_env)
+    assert job.job_id not in listed.stdout
 
 
 def test_worker_that_cannot_reach_its_store_does_not_consume(
@@ -224,13 +230,13 @@ def test_worker_that_cannot_reach_its_store_does_not_consume(
     client = Client(Settings(**_settings(imgq_env, "redis")))
     job = client.submit(make_images(tmp_path / "imgs", 1), models=["tsolo"])
     queue = client.store.client
-    assert queue.llen("imgq.tsolo") == 1
+    assert waiting(queue, "imgq.tsolo") == 1
     worker = start_worker("tsolo", name="pg-down", wait=False, env={"IMGQ_RESULTS_URL": down})
     assert worker.proc.wait(120) == 2
     out = worker.output()
     assert "imgq worker cannot start: results store" in out
     assert "cannot reach the PostgreSQL server" in out and PASSWORD not in out
-    assert queue.llen("imgq.tsolo") == 1  # nothing taken
+    assert waiting(queue, "imgq.tsolo") == 1  # nothing taken
     queue.delete("imgq.tsolo")
     del job
 

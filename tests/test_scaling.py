@@ -27,6 +27,7 @@ import redis
 from producer.api import Client, Job
 from shared.settings import Settings
 from tests.conftest import WorkerProcess, wait_ready
+from tests.queues import waiting
 
 pytestmark = pytest.mark.slow
 
@@ -197,7 +198,7 @@ def test_worker_gets_only_its_models_tasks(
     time.sleep(1.0)
     status = job.status()
     assert not status.finished and status.models[B].done == 0
-    assert redis.Redis.from_url(redis_url).llen(f"imgq.{B}") == len(b_ids) == 3
+    assert waiting(redis.Redis.from_url(redis_url), f"imgq.{B}") == len(b_ids) == 3
     for w in a_workers:
         assert not b_ids & set(task_runs(w, RECEIVED)), w.name
 

@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -38,10 +38,15 @@ class _Item:
     image: np.ndarray
     future: Future[TopK]
     queued: float = 0.0  # perf_counter() when submitted (metrics on)
+    skip: Callable[[], bool] | None = None  # True: drop the image (its job was cancelled)
 
 
 class BatcherClosed(RuntimeError):
     """The batcher was closed (the worker is stopping)."""
+
+
+class Skipped(RuntimeError):
+    """The image was dropped before the model call: its ``skip`` said so."""
 
 
 class DynamicBatcher:
@@ -76,14 +81,20 @@ class DynamicBatcher:
         )
         self._thread.start()
 
-    def submit(self, images: Sequence[np.ndarray]) -> list[Future[TopK]]:
-        """Queue images for the model; one future per image."""
+    def submit(
+        self, images: Sequence[np.ndarray], *, skip: Callable[[], bool] | None = None
+    ) -> list[Future[TopK]]:
+        """Queue images for the model; one future per image.
+
+        ``skip`` is asked just before the model call that would take them: when
+        it says True, their futures fail with Skipped instead.
+        """
         if self._closed:
             raise BatcherClosed(f"the batcher of {self.classifier.spec.name!r} is closed")
         futures: list[Future[TopK]] = []
         now = time.perf_counter() if self.metrics else 0.0
         for image in images:
-            item = _Item(image, Future(), now)
+            item = _Item(image, Future(), now, skip)
             futures.append(item.future)
             self._queue.put(item)
         return futures
@@ -144,9 +155,27 @@ class DynamicBatcher:
             if first is None:
                 return
             items, stop = self._gather(first)
-            self._execute(items)
+            items = self._without_skipped(items)
+            if items:
+                self._execute(items)
             if stop:
                 return
+
+    @staticmethod
+    def _without_skipped(items: list[_Item]) -> list[_Item]:
+        """The items to run; the others' futures fail with Skipped (one check per caller)."""
+        answers: dict[int, bool] = {}
+        keep: list[_Item] = []
+        for item in items:
+            if item.skip is not None:
+                key = id(item.skip)
+                if key not in answers:
+                    answers[key] = item.skip()
+                if answers[key]:
+                    item.future.set_exception(Skipped("dropped before the model call"))
+                    continue
+            keep.append(item)
+        return keep
 
     def _execute(self, items: list[_Item]) -> None:
         start = time.perf_counter()

@@ -10,7 +10,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -24,7 +24,7 @@ from shared.registry import ModelSpec, get_model, load_registry
 from shared.schemas import ErrorCode, ImageRef
 from shared.settings import Settings
 from workers import metrics
-from workers.batcher import DynamicBatcher, TopK
+from workers.batcher import DynamicBatcher, Skipped, TopK
 from workers.classifier import Classifier, ModelLoadError, configure_devices
 from workers.hardware import PrecisionError, detect, resolve_precision
 from workers.inputs import ImageError, ReadLimits, load_image
@@ -216,8 +216,18 @@ class Runtime:
             out.extend(run)
         return out
 
-    def classify(self, job_id: str, model: str, images: Sequence[ImageRef]) -> list[ResultDict]:
+    def classify(
+        self,
+        job_id: str,
+        model: str,
+        images: Sequence[ImageRef],
+        *,
+        skip: Callable[[], bool] | None = None,
+    ) -> list[ResultDict]:
         """One record per image, in order: top-5 for those that decode, an error for the rest.
+
+        ``skip`` goes to the batcher (a cancelled job's images are dropped before
+        the model call): Skipped is raised when it dropped any.
 
         Records are ``shared.contract.ResultDict`` (what the result backend stores):
         built directly, as this runs for every image.
@@ -243,7 +253,7 @@ class Runtime:
         for start in range(0, len(images), step):
             decoded = self._decode_many(images[start : start + step], size, exact, timer)
             arrays = [d for d in decoded if not isinstance(d, ImageError)]
-            futures = iter(batcher.submit(arrays))
+            futures = iter(batcher.submit(arrays, skip=skip))
             outcomes.extend(d if isinstance(d, ImageError) else next(futures) for d in decoded)
         labels = batcher.classifier.labels
         records: list[ResultDict] = []
@@ -253,6 +263,8 @@ class Runtime:
                 continue
             try:
                 top = outcome.result()
+            except Skipped:
+                raise
             except Exception as exc:
                 log.warning("model %s failed on %s: %s", model, ref.src, exc)
                 records.append(

@@ -30,6 +30,7 @@ from shared.contract import ClassifyMessage, parse_task_id, task_id
 from shared.jobs import JobError, JobRecord, JobStore
 from shared.liveness import RESENT_KEY, BrokerRedis, task_id_of
 from shared.open_jobs import open_jobs, untrack
+from shared.priority import transport_priority
 from shared.registry import queue_for
 from shared.settings import Settings
 
@@ -40,14 +41,16 @@ _PAGE = 1000
 
 
 def job_wanted(store: JobStore, job_id: str) -> JobRecord | None:
-    """The job's record while the job is still wanted (recorded, not expired); else None.
+    """The job's record while the job is still wanted (recorded, not expired, not
+    cancelled); else None.
 
     The one place that decides whether the sweep keeps working on a job.
     """
     try:
-        return store.get(job_id)
+        record = store.get(job_id)
     except JobError:
         return None
+    return None if record.cancelled is not None else record
 
 
 def _state_key(job_id: str) -> str:
@@ -109,7 +112,7 @@ def _sweep_job(
     earlier = set(json.loads(state.get("suspects", "[]")))
     confirmed = sorted(lost & earlier)
     for tid in confirmed:
-        _resend(app, store, tid)
+        _resend(app, store, record, tid)
     if confirmed:
         broker.client.incrby(RESENT_KEY, len(confirmed))
         log.warning(
@@ -169,8 +172,9 @@ def _unacked(broker: BrokerRedis) -> set[str]:
     return {tid for raw in values if (tid := task_id_of(raw)) is not None}
 
 
-def _resend(app: Any, store: JobStore, tid: str) -> None:
-    """Send a task again under its own id, with the chunk from the job record."""
+def _resend(app: Any, store: JobStore, record: JobRecord, tid: str) -> None:
+    """Send a task again under its own id, with the chunk from the job record, at the
+    job's priority and with its name (as the producer sent it)."""
     job_id, model, index = parse_task_id(tid)
     try:
         chunk = store.chunk(job_id, index)
@@ -183,6 +187,7 @@ def _resend(app: Any, store: JobStore, tid: str) -> None:
         args=message.to_args(),
         task_id=message.task_id,
         queue=queue_for(model),
-        argsrepr=message.argsrepr(),
+        priority=transport_priority(record.priority),
+        argsrepr=message.argsrepr(name=record.name),
         kwargsrepr="{}",
     )

@@ -18,6 +18,8 @@ from shared.jobs import AttemptStore
 from shared.schemas import ErrorCode, ImageRef
 from workers import metrics
 from workers.app import app, job_store
+from workers.batcher import Skipped
+from workers.cancel import CancelWatch, drop_task
 from workers.results import counts, results_store, store_records
 from workers.state import get_runtime
 
@@ -38,6 +40,12 @@ class InvalidTask(ValueError):
 def attempt_store() -> AttemptStore:
     """This worker's view of per-task delivery counts."""
     return attempt_store_for(app)
+
+
+@lru_cache(maxsize=1)
+def cancel_watch() -> CancelWatch:
+    """This worker's view of which jobs are cancelled."""
+    return CancelWatch(job_store())
 
 
 def patiently(action: Callable[[], T], what: str) -> T:
@@ -126,6 +134,10 @@ def classify(
     """Classify one chunk of images with one model; one result record per image, returned
     (Redis results store) or written to the results store with a summary returned."""
     message = parse_message(job_id, model, chunk, images)
+    # First of all: a task of a cancelled job is not run (no decoding, no model).
+    watch = cancel_watch()
+    if watch.is_cancelled(message.job_id, fresh=True):
+        drop_task(self, message.job_id)
     refs = list(message.images)
     tid = self.request.id
     runtime = get_runtime()
@@ -134,7 +146,10 @@ def classify(
     # process died with this task: isolate the images one by one.
     crashes = deliveries - 1 - (self.request.retries or 0)
     if crashes <= 0:
-        records = runtime.classify(job_id, model, refs)
+        try:
+            records = runtime.classify(job_id, model, refs, skip=lambda: watch.is_cancelled(job_id))
+        except Skipped:  # cancelled while its images waited for the model
+            drop_task(self, job_id)
     else:
         records = _classify_isolated(tid, job_id, model, refs, runtime_classify=runtime.classify)
     metrics.record_task(model, records, redelivered=crashes > 0)

@@ -15,6 +15,7 @@ import pytest
 from producer.api import Client
 from producer.metrics import LivenessCollector
 from shared.liveness import RECOVERED_KEY, RESENT_KEY, BrokerRedis, Liveness
+from shared.priority import queue_lists
 from tests.conftest import WorkerProcess, run_cli
 from tests.test_faults import assert_exactly_once, make_images, succeeded, wait_for
 
@@ -147,7 +148,7 @@ def test_a_lost_message_of_a_job_nobody_waits_for_is_sent_again(
     # taken loses it: simulated by deleting the queue before any worker runs.
     images = make_images(tmp_path / "imgs", 4, size=(64, 48))
     job = client.submit(images, models=["tsolo"], chunk_size=2)
-    assert client.store.client.delete("imgq.tsolo") == 1
+    assert client.store.client.delete(*queue_lists("imgq.tsolo")) == 1
     resent = int(client.store.client.get(RESENT_KEY) or 0)
     worker = start_worker("tsolo", name="sweeper", env={"IMGQ_SWEEP_GRACE": "3"})
     try:

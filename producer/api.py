@@ -23,6 +23,7 @@ from producer.sources import expand_sources
 from shared.celery_app import CLASSIFY_TASK, create_app, job_store_for
 from shared.contract import ClassifyMessage, task_id
 from shared.jobs import JobRecord, JobStatus, JobStore, check_job_id, new_job_id
+from shared.notify import check_notify_url, notify_if_ended
 from shared.registry import ModelSpec, get_model, load_registry, queue_for
 from shared.results_store import ResultsStore, gc_paused, results_store_for
 from shared.schemas import ImageRef, ResultRecord
@@ -72,14 +73,19 @@ class Client:
         models: Sequence[str],
         job_id: str | None = None,
         chunk_size: int | None = None,
+        notify: str | None = None,
     ) -> Job:
         """Record a job and queue one task per chunk and model; the job's handle.
+
+        ``notify``: a URL that gets one JSON POST when the job ends (``shared.notify``).
 
         ``sources`` are expanded like the command line's (files, folders, globs,
         manifests, URLs); ImageRef items are taken as they are.
         """
         if not models:
             raise ValueError("name at least one model")
+        if notify is not None:
+            check_notify_url(notify, allow_private=self.settings.allow_private_urls)
         registry = self.registry()
         models = list(dict.fromkeys(models))
         for model in models:
@@ -101,7 +107,7 @@ class Client:
         size = chunk_size or self.settings.chunk_size
         chunks = [refs[i : i + size] for i in range(0, len(refs), size)]
         jid = check_job_id(job_id) if job_id else new_job_id()
-        record = self.store.create(jid, models, chunks, chunk_size=size)
+        record = self.store.create(jid, models, chunks, chunk_size=size, notify=notify)
         job = Job(self, record)
         for index, chunk in enumerate(chunks):
             for model in models:
@@ -200,6 +206,7 @@ class Job:
                 bar.set_postfix(failed=failed, refresh=False)
                 bar.refresh()
                 if status.finished:
+                    _notify_quietly(self.client.store, self.job_id, self.client.settings)
                     return status
                 if deadline is not None and time.monotonic() > deadline:
                     raise JobTimeout(
@@ -260,3 +267,11 @@ class Job:
         """All result records available now (see :meth:`iter_results`)."""
         with gc_paused():
             return list(self.iter_results())
+
+
+def _notify_quietly(store: JobStore, job_id: str, settings: Settings) -> None:
+    """Send the job's completion callback if no worker has; never fails the wait."""
+    try:
+        notify_if_ended(store, job_id, settings)
+    except Exception:
+        log.exception("job %s: could not send its completion callback", job_id)

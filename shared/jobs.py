@@ -2,7 +2,9 @@
 
 Keys (all expire after ``IMGQ_RESULT_EXPIRES`` seconds, with the results):
 
-- ``imgq:job:<id>``           hash: id, models, total images, chunk size, chunk count, created
+- ``imgq:job:<id>``           hash: id, models, total images, chunk size, chunk count, created,
+                              notify URL (when given)
+- ``imgq:job:<id>:notified``  string: claimed by the process that sends the completion callback
 - ``imgq:job:<id>:chunks``    list: chunk i is a JSON list of image references
 - ``imgq:job:<id>:done``      hash: task id -> "ok failed" for every finished task
 
@@ -130,8 +132,11 @@ class JobStore:
         chunks: Sequence[Sequence[ImageRef]],
         *,
         chunk_size: int,
+        notify: str | None = None,
     ) -> JobRecord:
-        """Record a new job and its chunks; a JobError if the id is taken by a different job."""
+        """Record a new job and its chunks; a JobError if the id is taken by a different job.
+
+        ``notify`` is the URL its completion callback goes to (``shared.notify``)."""
         check_job_id(job_id)
         record = JobRecord(
             job_id=job_id,
@@ -149,6 +154,8 @@ class JobStore:
             "n_chunks": str(record.n_chunks),
             "created": repr(record.created),
         }
+        if notify:
+            meta["notify"] = notify
         key = self._key(job_id)
         # HSETNX on the id field claims the job atomically; a second submit with
         # the same id finds it claimed.

@@ -124,11 +124,17 @@ def notify_job_end(
     url, name = (None if v is None else v.decode() for v in raw)  # type: ignore[union-attr]
     if not url:
         return None
+    settings = settings or get_settings()
+    try:
+        # A process whose settings refuse the URL leaves the claim to one that can send.
+        check_notify_url(url, allow_private=settings.allow_private_urls)
+    except NotifyError as exc:
+        log.error("job %s: completion callback not claimed here: %s", job_id, exc)
+        return None
     # The claim expires with the job: once claimed, no other process sends.
     if not store.client.set(f"{key}:notified", state, nx=True, ex=store.ttl):
         return None
     body = json.dumps(payload(store.status(job_id), state, name)).encode()
-    settings = settings or get_settings()
     # Not a daemon: a process that exits normally finishes its tries first.
     thread = threading.Thread(
         target=send, args=(url, body, settings), name=f"imgq-notify-{job_id}", daemon=False

@@ -159,6 +159,10 @@ def test_simultaneous_ends_claim_once_and_all_failed_is_failed(
     settings = Settings(
         broker_url=imgq_env["IMGQ_BROKER_URL"], allow_private_urls=True, notify_backoff=0.2
     )
+    # A process not allowed to reach the receiver does not take the claim from others.
+    strict = Settings(broker_url=imgq_env["IMGQ_BROKER_URL"])
+    assert notify_job_end(store, jid, "failed", strict) is None
+    assert client.get(f"imgq:job:{jid}:notified") is None
     store.mark_finished(task_id(jid, "m1", 0), ok=0, failed=1)
     assert notify_if_ended(store, jid, settings) is False  # two chunks to go
     for i in (1, 2):

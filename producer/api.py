@@ -26,6 +26,7 @@ from shared.contract import ClassifyMessage, task_id
 from shared.jobctl import CancelOutcome, JobState, JobSummary, cancel_job, check_name, list_jobs
 from shared.jobs import JobRecord, JobStatus, JobStore, check_job_id, new_job_id
 from shared.liveness import BROKER_ERRORS, BrokerRedis, Reclaimer
+from shared.notify import check_notify_url, notify_if_ended, notify_job_end
 from shared.priority import DEFAULT_PRIORITY, check_priority, transport_priority
 from shared.registry import ModelSpec, get_model, load_registry, queue_for
 from shared.results_store import ResultsStore, gc_paused, results_store_for
@@ -82,8 +83,11 @@ class Client:
         chunk_size: int | None = None,
         name: str = "",
         priority: int = DEFAULT_PRIORITY,
+        notify: str | None = None,
     ) -> Job:
         """Record a job and queue one task per chunk and model; the job's handle.
+
+        ``notify``: a URL that gets one JSON POST when the job ends (``shared.notify``).
 
         ``sources`` are expanded like the command line's (files, folders, globs,
         manifests, URLs); ImageRef items are taken as they are. ``name`` is shown
@@ -94,6 +98,8 @@ class Client:
             raise ValueError("name at least one model")
         check_name(name)
         check_priority(priority)
+        if notify is not None:
+            check_notify_url(notify, allow_private=self.settings.allow_private_urls)
         registry = self.registry()
         models = list(dict.fromkeys(models))
         for model in models:
@@ -116,7 +122,7 @@ class Client:
         chunks = [refs[i : i + size] for i in range(0, len(refs), size)]
         jid = check_job_id(job_id) if job_id else new_job_id()
         record = self.store.create(
-            jid, models, chunks, chunk_size=size, name=name, priority=priority
+            jid, models, chunks, chunk_size=size, name=name, priority=priority, notify=notify
         )
         open_jobs.track(self.store.client, jid)  # swept for lost tasks until it finishes
         job = Job(self, record)
@@ -134,8 +140,14 @@ class Client:
         return list_jobs(self.store, limit=limit, states=states)
 
     def cancel(self, job_id: str) -> CancelOutcome:
-        """Cancel a job (see :meth:`Job.cancel`)."""
-        return cancel_job(self.store, job_id)
+        """Cancel a job (see :meth:`Job.cancel`); its completion callback says so."""
+        outcome = cancel_job(self.store, job_id)
+        if not outcome.already:
+            try:
+                notify_job_end(self.store, job_id, "cancelled", self.settings)
+            except Exception:  # the cancel holds whether or not the callback goes out
+                log.exception("job %s: could not send its completion callback", job_id)
+        return outcome
 
 
 class Job:
@@ -191,7 +203,7 @@ class Job:
         """Cancel the job: none of its tasks starts from now on (a batch already in a
         model finishes), its waiting tasks leave the queues, its results so far stay.
         A JobError (JobFinishedError) when it has already finished."""
-        return cancel_job(self.client.store, self.job_id)
+        return self.client.cancel(self.job_id)
 
     def wait(
         self,
@@ -250,6 +262,7 @@ class Job:
                         f"{status.images_total} image results, the rest never classified"
                     )
                 if status.finished:
+                    _notify_quietly(self.client.store, self.job_id, self.client.settings)
                     return status
                 if deadline is not None and time.monotonic() > deadline:
                     raise JobTimeout(
@@ -340,3 +353,11 @@ class Job:
         """All result records available now (see :meth:`iter_results`)."""
         with gc_paused():
             return list(self.iter_results())
+
+
+def _notify_quietly(store: JobStore, job_id: str, settings: Settings) -> None:
+    """Send the job's completion callback if no worker has; never fails the wait."""
+    try:
+        notify_if_ended(store, job_id, settings)
+    except Exception:
+        log.exception("job %s: could not send its completion callback", job_id)

@@ -242,6 +242,12 @@ def worker(
 @click.option("-o", "--out", default=None, help="With --wait: write the results to this file.")
 @format_option
 @click.option("--no-progress", is_flag=True, help="With --wait: no progress bar.")
+@click.option(
+    "--notify",
+    metavar="URL",
+    default=None,
+    help="POST a JSON summary to URL once, when the job ends (signed with IMGQ_NOTIFY_SECRET).",
+)
 def submit(
     sources: tuple[str, ...],
     models: tuple[str, ...],
@@ -254,6 +260,7 @@ def submit(
     out: str | None,
     fmt: str | None,
     no_progress: bool,
+    notify: str | None,
 ) -> None:
     """Submit SOURCES (files, folders, globs, @manifests, .csv/.jsonl, URLs) as one job.
 
@@ -270,6 +277,7 @@ def submit(
             chunk_size=chunk_size,
             name=name,
             priority=priority,
+            notify=notify,
         )
         click.echo(
             f"submitted job {job.job_id}: {job.record.total_images} images x "

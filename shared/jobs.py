@@ -4,6 +4,8 @@ Keys (all expire after ``IMGQ_RESULT_EXPIRES`` seconds, with the results):
 
 - ``imgq:job:<id>``           hash: id, models, total images, chunk size, chunk count, created,
                               name, priority, cancelled (time, once cancelled)
+                              notify URL (when given)
+- ``imgq:job:<id>:notified``  string: claimed by the process that sends the completion callback
 - ``imgq:job:<id>:chunks``    list: chunk i is a JSON list of image references
 - ``imgq:job:<id>:done``      hash: task id -> "ok failed" for every finished task
 - ``imgq:jobs``               sorted set: job id by creation time (``imgq jobs``)
@@ -144,8 +146,11 @@ class JobStore:
         chunk_size: int,
         name: str = "",
         priority: int = DEFAULT_PRIORITY,
+        notify: str | None = None,
     ) -> JobRecord:
-        """Record a new job and its chunks; a JobError if the id is taken by a different job."""
+        """Record a new job and its chunks; a JobError if the id is taken by a different job.
+
+        ``notify`` is the URL its completion callback goes to (``shared.notify``)."""
         check_job_id(job_id)
         record = JobRecord(
             job_id=job_id,
@@ -167,6 +172,8 @@ class JobStore:
             "name": name,
             "priority": str(priority),
         }
+        if notify:
+            meta["notify"] = notify
         key = self._key(job_id)
         # HSETNX on the id field claims the job atomically; a second submit with
         # the same id finds it claimed.

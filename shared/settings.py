@@ -160,6 +160,13 @@ class Settings(BaseSettings):
         False,
         description="Fetch URLs on loopback, private and link-local addresses (trusted networks).",
     )
+    notify_secret: str = Field(
+        "", description="Key signing completion callbacks (HMAC-SHA256; empty: unsigned)."
+    )
+    notify_tries: int = Field(6, ge=1, le=20, description="Tries per completion callback.")
+    notify_backoff: float = Field(
+        1.0, gt=0, description="Seconds before a callback's second try; doubled after each."
+    )
     memory_growth: bool = Field(True, description="Allocate GPU memory as needed, not all at once.")
     warm_up: bool = Field(
         True, description="Trace every fixed batch size of each model before consuming."

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -302,3 +303,28 @@ def test_submit_wait_stops_when_the_job_is_cancelled(client: Client, env: dict[s
     finally:
         proc.kill()
     assert proc.returncode == 5 and "was cancelled" in err.strip().splitlines()[-1]
+
+
+def test_cancel_sends_the_completion_callback_once(env: dict[str, str]) -> None:
+    from tests.notify_receiver import Receiver
+
+    receiver = Receiver().start()
+    try:
+        client = Client(
+            Settings(
+                broker_url=env["IMGQ_BROKER_URL"],
+                models_file=env["IMGQ_MODELS_FILE"],
+                chunk_size=4,
+                allow_private_urls=True,  # the receiver listens on loopback
+            )
+        )
+        job = client.submit(images(env), models=["jca"], notify=receiver.url("/done"))
+        assert not job.cancel().already
+        (post,) = receiver.wait_for("/done", 1)
+        body = json.loads(post.body)
+        assert body["job_id"] == job.job_id and body["state"] == "cancelled"
+        assert job.cancel().already  # a second cancel sends nothing more
+        time.sleep(0.5)
+        assert len(receiver.posts_to("/done")) == 1
+    finally:
+        receiver.stop()

@@ -15,6 +15,7 @@ from celery import Task
 from shared.celery_app import CLASSIFY_TASK, attempt_store_for
 from shared.contract import ClassifyMessage, ResultDict, error_result, parse_task_id
 from shared.jobs import AttemptStore
+from shared.notify import notify_if_ended
 from shared.schemas import ErrorCode, ImageRef
 from workers import metrics
 from workers.app import app, job_store
@@ -85,6 +86,7 @@ class ClassifyTask(Task):
             lambda: job_store().mark_finished(task_id, ok=ok, failed=failed),
             f"recording task {task_id}",
         )
+        _notify_if_ended(task_id)
 
     def on_failure(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
@@ -111,6 +113,16 @@ class ClassifyTask(Task):
             )
         except Exception:
             log.exception("could not record the failure of task %s", task_id)
+            return
+        _notify_if_ended(task_id)
+
+
+def _notify_if_ended(tid: str) -> None:
+    """Send the job's completion callback when this task was its last (never raises)."""
+    try:
+        notify_if_ended(job_store(), parse_task_id(tid)[0])
+    except Exception:
+        log.exception("could not send the completion callback after task %s", tid)
 
 
 @app.task(

@@ -3,8 +3,6 @@ private-address guard."""
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -14,6 +12,7 @@ from typing import TypeVar
 import httpx
 
 from shared.schemas import ErrorCode
+from shared.urlguard import AddressRefused, ResolveError, public_addresses
 from workers.inputs.errors import ImageError, describe, human_size, too_large
 from workers.inputs.limits import ReadLimits
 
@@ -223,59 +222,16 @@ def _content_length(response: httpx.Response) -> int | None:
     return int(value) if value.strip().isdigit() else None
 
 
-def _is_ip_literal(host: str) -> bool:
-    """True when the host is an IPv4/IPv6 address, not a name."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 def _public_addresses(url: httpx.URL) -> list[str]:
     """The host's addresses, refusing (URL_REFUSED) when any is not a public one."""
-    host = url.host
-    literal = _is_ip_literal(host)
-    addresses = [host] if literal else _resolve(url)
-    for address in addresses:
-        problem = _address_problem(ipaddress.ip_address(address))
-        if problem:
-            where = host if literal else f"{host} (it resolves to {address})"
-            raise ImageError(
-                ErrorCode.URL_REFUSED,
-                f"refused to fetch from {where}: a {problem} address; set "
-                "IMGQ_ALLOW_PRIVATE_URLS=true on the workers to fetch from private networks",
-            )
-    return addresses
-
-
-def _resolve(url: httpx.URL) -> list[str]:
-    """All addresses of the URL's host (socket.getaddrinfo), in the resolver's order."""
-    host = url.raw_host.decode("ascii")
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise ImageError(ErrorCode.FETCH_FAILED, f"could not resolve host {host}: {exc}") from exc
-    addresses = list(dict.fromkeys(str(info[4][0]).split("%")[0] for info in infos))
-    if not addresses:
-        raise ImageError(ErrorCode.FETCH_FAILED, f"host {host} has no addresses")
-    return addresses
-
-
-def _address_problem(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
-    """Why an address may not be fetched from ('loopback', 'private' ...), or None."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        embedded = ip.ipv4_mapped or ip.sixtofour
-        if embedded is not None:
-            return _address_problem(embedded)
-    checks = (
-        ("unspecified", ip.is_unspecified),
-        ("loopback", ip.is_loopback),
-        ("link-local", ip.is_link_local),
-        ("multicast", ip.is_multicast),
-        ("private", ip.is_private),
-        ("reserved", ip.is_reserved),
-        ("non-public", not ip.is_global),
-    )
-    return next((name for name, hit in checks if hit), None)
+        return public_addresses(url.raw_host.decode("ascii"), port)
+    except AddressRefused as exc:
+        raise ImageError(
+            ErrorCode.URL_REFUSED,
+            f"refused to fetch from {exc}; set "
+            "IMGQ_ALLOW_PRIVATE_URLS=true on the workers to fetch from private networks",
+        ) from exc
+    except ResolveError as exc:
+        raise ImageError(ErrorCode.FETCH_FAILED, str(exc)) from exc

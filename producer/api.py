@@ -33,6 +33,12 @@ from shared.results_store import ResultsStore, gc_paused, results_store_for
 from shared.schemas import ImageRef, ResultRecord
 from shared.settings import Settings, get_settings
 
+# Errors of a Redis that is away for a while (a restart, a failover): waits go on.
+REDIS_AWAY = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.BusyLoadingError,
+)
 MIN_REFRESH_S = 0.05
 log = logging.getLogger(__name__)
 
@@ -315,11 +321,7 @@ class Job:
         while True:
             try:
                 return self.status()
-            except (
-                redis.exceptions.ConnectionError,
-                redis.exceptions.TimeoutError,
-                redis.exceptions.BusyLoadingError,
-            ) as exc:
+            except REDIS_AWAY as exc:
                 now = time.monotonic()
                 if now > give_up or (deadline is not None and now > deadline):
                     raise
@@ -330,11 +332,7 @@ class Job:
         """The job's status; while Redis is unreachable (a restart), the last one seen."""
         try:
             return self.status()
-        except (
-            redis.exceptions.ConnectionError,
-            redis.exceptions.TimeoutError,
-            redis.exceptions.BusyLoadingError,
-        ) as exc:
+        except REDIS_AWAY as exc:
             if deadline is not None and time.monotonic() > deadline:
                 raise
             log.warning("job %s: Redis unreachable (%s); still waiting", self.job_id, exc)

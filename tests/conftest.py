@@ -194,8 +194,24 @@ def start_worker(
             wait_ready(worker)
         return worker
 
+    start.started = started  # type: ignore[attr-defined]
     yield start
     for worker in started:
+        worker.stop()
+
+
+@pytest.fixture(autouse=True)
+def _stop_the_tests_own_workers(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Stop the workers a test started itself when it ends, passed or failed, so that a
+    failed test leaves no worker consuming the next tests' queues. Workers of session
+    and module fixtures (set up before this one: higher scopes come first) stay."""
+    if "start_worker" not in request.fixturenames:
+        yield
+        return
+    started: list[WorkerProcess] = request.getfixturevalue("start_worker").started
+    before = len(started)
+    yield
+    for worker in started[before:]:
         worker.stop()
 
 

@@ -131,6 +131,9 @@ class WorkerProcess(EmbeddedWorker):
     def __init__(self, name: str, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.name = name
+        # Set by a module fixture that starts workers lazily, from inside its tests,
+        # and stops them itself at the end of the module.
+        self.module_owned = False
 
     @property
     def log(self) -> Path:
@@ -212,7 +215,8 @@ def _stop_the_tests_own_workers(request: pytest.FixtureRequest) -> Iterator[None
     before = len(started)
     yield
     for worker in started[before:]:
-        worker.stop()
+        if not worker.module_owned:
+            worker.stop()
 
 
 @pytest.fixture(scope="session")

@@ -126,6 +126,7 @@ def scale_workers(
             started[name] = start_worker(
                 model, name=name, wait=False, env=scale_env, args=WORKER_ARGS
             )
+            started[name].module_owned = True  # shared by this module's tests
         for name in new:
             wait_ready(started[name])
         return [started[n] for n in names]

@@ -132,9 +132,9 @@ class Client:
         )
         open_jobs.track(self.store.client, jid)  # swept for lost tasks until it finishes
         job = Job(self, record)
-        for index, chunk in enumerate(chunks):
+        for index in range(record.n_chunks):
             for model in models:
-                job.send_chunk(model, index, chunk)
+                job.send_chunk(model, index)
         return job
 
     def job(self, job_id: str) -> Job:
@@ -168,9 +168,13 @@ class Job:
         """The job's id."""
         return self.record.job_id
 
-    def send_chunk(self, model: str, index: int, chunk: Sequence[ImageRef]) -> str:
-        """Queue one chunk for one model; the task id (the same every time it is sent)."""
-        message = ClassifyMessage(job_id=self.job_id, model=model, chunk=index, images=tuple(chunk))
+    def send_chunk(self, model: str, index: int) -> str:
+        """Queue one chunk for one model; the task id (the same every time it is sent).
+
+        The message names the chunk; the worker reads its images from the job record."""
+        message = ClassifyMessage(
+            job_id=self.job_id, model=model, chunk=index, size=self.record.chunk_len(index)
+        )
         self.client.app.send_task(
             CLASSIFY_TASK,
             args=message.to_args(),
@@ -194,10 +198,10 @@ class Job:
             return 0
         finished = set(self.client.store.finished_tasks(self.job_id))
         sent = 0
-        for index, chunk in enumerate(self.client.store.iter_chunks(self.job_id)):
+        for index in range(self.record.n_chunks):
             for model in self.record.models:
                 if task_id(self.job_id, model, index) not in finished:
-                    self.send_chunk(model, index, chunk)
+                    self.send_chunk(model, index)
                     sent += 1
         return sent
 

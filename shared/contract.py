@@ -4,9 +4,14 @@ answers, defined once for the producer, the job records and the workers.
 - **Task id**: ``<job>.<model>.<chunk>`` (:func:`task_id`, :func:`parse_task_id`).
   Derived, so a task sent or delivered twice has one id, one result, one count.
 - **Task message**: :class:`ClassifyMessage`. On the wire it is the Celery task's
-  positional arguments ``[job_id, model, chunk, [path or [src, ref], ...]]``
-  (:meth:`ClassifyMessage.to_args`); the image list alone is also how a job's
-  chunks are kept in Redis (:func:`encode_images`, :func:`decode_images`).
+  positional arguments ``[job_id, model, chunk]`` (:meth:`ClassifyMessage.to_args`):
+  a reference to one chunk of the job record, where the worker reads the chunk's
+  image list (``shared.jobs.JobStore.chunk``). A job's images are kept in Redis
+  once, not once more per model in every queued message; a 200,000-image job
+  queues a few hundred messages of a few hundred bytes. The older form
+  ``[job_id, model, chunk, [path or [src, ref], ...]]``, the images inline, is
+  still accepted. The image list is also how a job's chunks are kept in Redis
+  (:func:`encode_images`, :func:`decode_images`).
 - **Result record**: :class:`ResultDict`, one per image and model, the JSON the
   worker returns and the result backend stores. It is the wire form of
   :class:`shared.schemas.ResultRecord`, the model the producer parses it into.
@@ -62,14 +67,20 @@ def decode_images(items: Any) -> list[ImageRef]:
 
 
 class ClassifyMessage(BaseModel):
-    """One task: classify one chunk of a job's images with one model."""
+    """One task: classify one chunk of a job's images with one model.
+
+    ``images`` is None when the message refers to the chunk in the job record
+    (what producers send); a message of the older form carries them inline.
+    ``size`` is the chunk's image count, for what monitoring shows.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     job_id: str
     model: str
     chunk: int = Field(ge=0)
-    images: tuple[ImageRef, ...]
+    images: tuple[ImageRef, ...] | None = None
+    size: int | None = Field(default=None, ge=0)
 
     @property
     def task_id(self) -> str:
@@ -77,20 +88,27 @@ class ClassifyMessage(BaseModel):
         return task_id(self.job_id, self.model, self.chunk)
 
     def to_args(self) -> list[Any]:
-        """The Celery task's positional arguments."""
-        return [self.job_id, self.model, self.chunk, encode_images(self.images)]
+        """The Celery task's positional arguments (the images only when inline)."""
+        args: list[Any] = [self.job_id, self.model, self.chunk]
+        if self.images is not None:
+            args.append(encode_images(self.images))
+        return args
 
     def argsrepr(self, name: str = "") -> str:
         """What monitoring shows for the task: job, its name, model and size, not
         hundreds of paths."""
+        size = len(self.images) if self.images is not None else self.size
+        shown = "?" if size is None else str(size)
         return (
             f"(job={self.job_id!r}, name={name!r}, model={self.model!r}, chunk={self.chunk}, "
-            f"images={len(self.images)})"
+            f"images={shown})"
         )
 
     @classmethod
-    def from_args(cls, job_id: Any, model: Any, chunk: Any, images: Any) -> ClassifyMessage:
+    def from_args(cls, job_id: Any, model: Any, chunk: Any, images: Any = None) -> ClassifyMessage:
         """The message from the task's arguments; ValueError when they are malformed."""
+        if images is None:
+            return cls(job_id=job_id, model=model, chunk=chunk)
         try:
             refs = decode_images(images)
         except (TypeError, ValueError) as exc:

@@ -68,6 +68,12 @@ class JobRecord:
     priority: int = DEFAULT_PRIORITY
     cancelled: float | None = None  # when it was cancelled
 
+    def chunk_len(self, index: int) -> int:
+        """How many images chunk ``index`` holds (all are ``chunk_size`` but the last)."""
+        if not 0 <= index < self.n_chunks:
+            raise JobError(f"job {self.job_id!r} has no chunk {index}")
+        return min(self.chunk_size, self.total_images - index * self.chunk_size)
+
     def task_ids(self, model: str) -> list[str]:
         """The job's task ids for one model, in chunk order."""
         return [task_id(self.job_id, model, i) for i in range(self.n_chunks)]
@@ -225,6 +231,7 @@ class JobStore:
         """The image references of one chunk."""
         raw = self.client.lindex(self._key(job_id, ":chunks"), index)
         if raw is None:
+            self.get(job_id)  # a JobError saying the job is unknown or expired
             raise JobError(f"job {job_id!r} has no chunk {index}")
         return _decode_chunk(raw)
 

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,17 @@ SOLO_MODELS: dict[str, tuple[int, str, str, str]] = {
     "tabort": (1000, "logits", "softmax", "imagenet1k"),
 }
 CUSTOM_LABELS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta"]
+
+
+def wait_for(
+    predicate: Callable[[], bool], timeout: float, what: str, *, interval: float = 0.05
+) -> None:
+    """Poll ``predicate`` until it holds; an AssertionError naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
 
 
 def free_port() -> int:

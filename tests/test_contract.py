@@ -35,16 +35,27 @@ def test_task_ids_round_trip() -> None:
         parse_task_id("job-1.resnet50")
 
 
-def test_message_has_the_wire_shape_and_round_trips() -> None:
+def test_message_names_its_chunk_and_round_trips() -> None:
+    message = ClassifyMessage(job_id="job-1", model="m", chunk=3, size=512)
+    args = message.to_args()
+    # No image list: the worker reads the chunk from the job record.
+    assert args == ["job-1", "m", 3]
+    assert message.task_id == "job-1.m.000003"
+    assert message.argsrepr() == "(job='job-1', name='', model='m', chunk=3, images=512)"
+    named = "(job='job-1', name='cats', model='m', chunk=3, images=512)"
+    assert message.argsrepr(name="cats") == named
+    # What the worker gets back after the JSON trip through the broker (the size is
+    # for monitoring only and does not travel).
+    back = ClassifyMessage.from_args(*json.loads(json.dumps(args)))
+    assert (back.job_id, back.model, back.chunk, back.images) == ("job-1", "m", 3, None)
+
+
+def test_the_older_inline_form_still_round_trips() -> None:
     refs = (ImageRef(src="a.jpg", ref="/d/a.jpg"), ImageRef(src="http://h/b", ref="http://h/b"))
     message = ClassifyMessage(job_id="job-1", model="m", chunk=3, images=refs)
     args = message.to_args()
     assert args == ["job-1", "m", 3, [["a.jpg", "/d/a.jpg"], "http://h/b"]]
-    assert message.task_id == "job-1.m.000003"
     assert message.argsrepr() == "(job='job-1', name='', model='m', chunk=3, images=2)"
-    named = "(job='job-1', name='cats', model='m', chunk=3, images=2)"
-    assert message.argsrepr(name="cats") == named
-    # What the worker gets back after the JSON trip through the broker.
     assert ClassifyMessage.from_args(*json.loads(json.dumps(args))) == message
 
 
@@ -57,6 +68,9 @@ def test_message_has_the_wire_shape_and_round_trips() -> None:
         ("job", "m", 0, [[None, "/d/a.jpg"]]),
         ("job", "m", -1, [["a", "/d/a"]]),
         ("job", None, 0, [["a", "/d/a"]]),
+        ("job", "m", -1),
+        ("job", "m", "three"),
+        (None, "m", 0),
     ],
 )
 def test_malformed_messages_are_refused(args: tuple[Any, ...]) -> None:

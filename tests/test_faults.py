@@ -18,7 +18,7 @@ from PIL import Image
 from producer.api import Client
 from shared.priority import queue_lists
 from shared.settings import Settings
-from tests.conftest import RedisServer, WorkerProcess, wait_ready
+from tests.conftest import RedisServer, WorkerProcess, wait_for, wait_ready
 from tests.pg import row_count
 
 pytestmark = pytest.mark.slow
@@ -82,14 +82,6 @@ def assert_exactly_once(
 
 def succeeded(worker: WorkerProcess) -> int:
     return worker.output().count("succeeded in")
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def test_worker_killed_mid_job_its_tasks_go_to_another(
@@ -198,7 +190,7 @@ def test_duplicate_delivery_counts_once(
     before = job.status().models[model].as_dict()
     # The same tasks delivered again (a redelivery after a slow batch, a resume):
     for index in range(job.record.n_chunks):
-        job.send_chunk(model, index, client.store.chunk(job.job_id, index))
+        job.send_chunk(model, index)
     time.sleep(0.5)
     wait_for(
         lambda: worker.output().count(job.job_id) >= 4 * job.record.n_chunks,

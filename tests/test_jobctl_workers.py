@@ -21,7 +21,7 @@ from producer.api import Client
 from shared.jobs import task_id
 from shared.registry import load_registry, queue_for
 from shared.settings import Settings
-from tests.conftest import ROOT, WorkerProcess, run_cli
+from tests.conftest import ROOT, WorkerProcess, run_cli, wait_for
 from tests.queues import waiting
 from workers.batcher import DynamicBatcher, Skipped
 from workers.classifier import Classifier
@@ -88,14 +88,6 @@ def tasks_finished(client: Client, job_id: str) -> int:
     return len(client.store.finished_tasks(job_id))
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def test_urgent_job_overtakes_a_big_one(
     worker: WorkerProcess, client: Client, many: list[str]
 ) -> None:
@@ -159,7 +151,7 @@ def test_a_cancelled_jobs_task_is_dropped_before_reading(
     record = client.store.create("jobctl-dropped", [MODEL], [missing], chunk_size=1)
     job = Job(client, record)
     job.cancel()
-    job.send_chunk(MODEL, 0, missing)
+    job.send_chunk(MODEL, 0)
     tid = task_id(job.job_id, MODEL, 0)
     result = client.app.AsyncResult(tid)
     wait_for(lambda: result.state == "REVOKED", 60, "the task to be revoked")

@@ -22,7 +22,7 @@ import pytest
 from producer.sources import expand_sources
 from shared.labels import load_labels
 from shared.settings import Settings
-from tests.conftest import CUSTOM_LABELS, ROOT, TEST_MODELS, WorkerProcess, run_cli
+from tests.conftest import CUSTOM_LABELS, ROOT, TEST_MODELS, WorkerProcess, run_cli, wait_for
 from tests.savedmodels import direct_scores
 from workers.inputs import ReadLimits, load_image
 
@@ -250,3 +250,45 @@ def test_prefork_pool_is_refused(imgq_env: dict[str, str]) -> None:
     )
     assert proc.returncode != 0
     assert "TensorFlow does not survive fork" in proc.stderr + proc.stdout
+
+
+def test_messages_of_the_older_inline_form_still_run(
+    shared_worker: WorkerProcess, client: Any, photos: Path
+) -> None:
+    """A message that carries its images (what producers sent before messages named
+    their chunk) is classified as before: workers can be upgraded first."""
+    from shared.celery_app import CLASSIFY_TASK
+    from shared.contract import ClassifyMessage
+    from shared.schemas import ImageRef
+
+    sources = sorted(str(p) for p in photos.glob("*.jpg"))
+    refs = [ImageRef(src=s, ref=s) for s in sources]
+    record = client.store.create("inline-form", ["t1001"], [refs], chunk_size=len(refs))
+    message = ClassifyMessage(job_id=record.job_id, model="t1001", chunk=0, images=tuple(refs))
+    assert len(message.to_args()) == 4
+    client.app.send_task(
+        CLASSIFY_TASK, args=message.to_args(), task_id=message.task_id, queue="imgq.t1001"
+    )
+    job = client.job(record.job_id)
+    assert job.wait(progress=False, timeout=120).models["t1001"].done == len(sources)
+    assert sorted(r.image for r in job.results()) == sources
+
+
+def test_a_task_whose_job_record_is_gone_is_dropped(
+    shared_worker: WorkerProcess, client: Any, photos: Path
+) -> None:
+    """A message naming a chunk of a job that was deleted (or expired) has nothing to
+    classify: REVOKED, no result, the worker goes on."""
+    from shared.celery_app import CLASSIFY_TASK
+    from shared.contract import ClassifyMessage
+
+    message = ClassifyMessage(job_id="gone-job", model="t1001", chunk=0, size=3)
+    client.app.send_task(
+        CLASSIFY_TASK, args=message.to_args(), task_id=message.task_id, queue="imgq.t1001"
+    )
+    result = client.app.AsyncResult(message.task_id)
+    wait_for(lambda: result.state == "REVOKED", 60, "the task to be dropped")
+    assert "job 'gone-job' is unknown or has expired" in shared_worker.output()
+    # The worker still serves: a real job runs after it.
+    job = client.submit(sorted(str(p) for p in photos.glob("*.jpg")), models=["t1001"])
+    assert job.wait(progress=False, timeout=120).finished

@@ -64,12 +64,14 @@ class CancelWatch:
         return cancelled
 
 
-def drop_task(task: Task, job_id: str) -> NoReturn:
-    """End a task of a cancelled job without a result: REVOKED for Flower, then acknowledged."""
+def drop_task(task: Task, job_id: str, *, reason: str = "job cancelled") -> NoReturn:
+    """End a task of a cancelled (or deleted) job without a result: REVOKED for Flower,
+    then acknowledged."""
     tid = task.request.id
-    log.info("job %s is cancelled: task %s dropped", job_id, tid)
+    if reason == "job cancelled":
+        log.info("job %s is cancelled: task %s dropped", job_id, tid)
     try:
-        task.backend.mark_as_revoked(tid, reason="job cancelled", request=task.request)
+        task.backend.mark_as_revoked(tid, reason=reason, request=task.request)
         task.send_event("task-revoked", terminated=False, signum=None, expired=False)
     except Exception as exc:  # bookkeeping for monitors only: the task is dropped anyway
         log.warning("task %s: could not record it as revoked (%s)", tid, exc)

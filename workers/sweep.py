@@ -22,8 +22,6 @@ import logging
 import time
 from typing import Any
 
-import redis
-
 from shared.broker_keys import UNACKED_KEY
 from shared.celery_app import CLASSIFY_TASK, job_store_for
 from shared.contract import ClassifyMessage, parse_task_id, task_id
@@ -112,7 +110,7 @@ def _sweep_job(
     earlier = set(json.loads(state.get("suspects", "[]")))
     confirmed = sorted(lost & earlier)
     for tid in confirmed:
-        _resend(app, store, record, tid)
+        _resend(app, record, tid)
     if confirmed:
         broker.client.incrby(RESENT_KEY, len(confirmed))
         log.warning(
@@ -172,16 +170,16 @@ def _unacked(broker: BrokerRedis) -> set[str]:
     return {tid for raw in values if (tid := task_id_of(raw)) is not None}
 
 
-def _resend(app: Any, store: JobStore, record: JobRecord, tid: str) -> None:
-    """Send a task again under its own id, with the chunk from the job record, at the
+def _resend(app: Any, record: JobRecord, tid: str) -> None:
+    """Send a task again under its own id, naming its chunk of the job record, at the
     job's priority and with its name (as the producer sent it)."""
     job_id, model, index = parse_task_id(tid)
     try:
-        chunk = store.chunk(job_id, index)
-    except (JobError, redis.exceptions.RedisError):
-        log.exception("job %s: cannot read chunk %d to send it again", job_id, index)
+        size = record.chunk_len(index)
+    except JobError:
+        log.error("job %s has no chunk %d: task %s not sent again", job_id, index, tid)
         return
-    message = ClassifyMessage(job_id=job_id, model=model, chunk=index, images=tuple(chunk))
+    message = ClassifyMessage(job_id=job_id, model=model, chunk=index, size=size)
     app.send_task(
         CLASSIFY_TASK,
         args=message.to_args(),

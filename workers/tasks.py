@@ -14,7 +14,7 @@ from celery import Task
 
 from shared.celery_app import CLASSIFY_TASK, attempt_store_for
 from shared.contract import ClassifyMessage, ResultDict, error_result, parse_task_id
-from shared.jobs import AttemptStore
+from shared.jobs import AttemptStore, JobError
 from shared.notify import notify_if_ended
 from shared.schemas import ErrorCode, ImageRef
 from workers import metrics
@@ -68,7 +68,7 @@ def patiently(action: Callable[[], T], what: str) -> T:
             delay = min(5.0, delay * 2)
 
 
-def parse_message(job_id: Any, model: Any, chunk: Any, images: Any) -> ClassifyMessage:
+def parse_message(job_id: Any, model: Any, chunk: Any, images: Any = None) -> ClassifyMessage:
     """The task message from its arguments; InvalidTask when it is malformed."""
     try:
         return ClassifyMessage.from_args(job_id, model, chunk, images)
@@ -141,16 +141,19 @@ def _notify_if_ended(tid: str) -> None:
     max_retries=3,
 )
 def classify(
-    self: Task, job_id: str, model: str, chunk: int, images: list[str | list[str]]
+    self: Task, job_id: str, model: str, chunk: int, images: list[str | list[str]] | None = None
 ) -> list[ResultDict] | dict[str, Any]:
     """Classify one chunk of images with one model; one result record per image, returned
-    (Redis results store) or written to the results store with a summary returned."""
+    (Redis results store) or written to the results store with a summary returned.
+
+    The images are read from the job record (``images`` is given only by messages of
+    the older form, which carried them inline)."""
     message = parse_message(job_id, model, chunk, images)
     # First of all: a task of a cancelled job is not run (no decoding, no model).
     watch = cancel_watch()
     if watch.is_cancelled(message.job_id, fresh=True):
         drop_task(self, message.job_id)
-    refs = list(message.images)
+    refs = list(message.images) if message.images is not None else _chunk_images(self, message)
     tid = self.request.id
     runtime = get_runtime()
     deliveries = patiently(lambda: attempt_store().begin(tid), f"counting task {tid}")
@@ -175,6 +178,20 @@ def classify(
         f" (delivery {deliveries}, images one by one)" if crashes > 0 else "",
     )
     return store_records(job_id, model, chunk, records)
+
+
+def _chunk_images(task: Task, message: ClassifyMessage) -> list[ImageRef]:
+    """The images of the message's chunk, from the job record. A job whose record is
+    gone (deleted with ``imgq delete``, or expired) has nothing left to classify: its
+    task is dropped like a cancelled job's."""
+    try:
+        return patiently(
+            lambda: job_store().chunk(message.job_id, message.chunk),
+            f"reading chunk {message.chunk} of job {message.job_id}",
+        )
+    except JobError as exc:
+        log.warning("task %s: %s; dropped", task.request.id, exc)
+        drop_task(task, message.job_id, reason="job record gone")
 
 
 def _store_failed_chunk(tid: str, exc: BaseException) -> None:

@@ -241,6 +241,50 @@ def test_worker_that_cannot_reach_its_store_does_not_consume(
     del job
 
 
+def test_a_chunk_that_fails_for_good_gets_task_failed_rows(
+    start_worker: Callable[..., WorkerProcess],
+    imgq_env: dict[str, str],
+    fresh_url: str,
+    tmp_path: Path,
+) -> None:
+    """A chunk whose rows the store refuses (here a trigger refuses the rows of one
+    image) is retried, then fails for good: every image of that chunk gets one
+    ``task_failed`` row, the other chunks their results, and the job finishes."""
+    worker = start_worker("tsolo", name="pg-fails", env={"IMGQ_RESULTS_URL": fresh_url})
+    with psycopg.connect(fresh_url, autocommit=True) as conn:  # the worker made the schema
+        conn.execute(
+            """CREATE FUNCTION refuse_rows() RETURNS trigger AS $$
+            BEGIN
+              IF NEW.error_code IS NULL AND NEW.source LIKE '%refused%' THEN
+                RAISE EXCEPTION 'rows of this image are refused';
+              END IF;
+              RETURN NEW;
+            END $$ LANGUAGE plpgsql"""
+        )
+        conn.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON imgq_results "
+            "FOR EACH ROW EXECUTE FUNCTION refuse_rows()"
+        )
+    good = make_images(tmp_path / "imgs", 5, size=(40, 30))
+    refused = make_images(tmp_path / "refused", 1, size=(40, 30))
+    sources = [*good[:3], *refused, *good[3:]]  # chunks of 2: the second one fails
+    client = Client(Settings(**_settings(imgq_env, fresh_url)))
+    job = client.submit(sources, models=["tsolo"], chunk_size=2)
+    status = job.wait(progress=False, timeout=180)
+    assert status.models["tsolo"].as_dict() == {"total": 6, "done": 4, "failed": 2, "pending": 0}
+    records = job.results()
+    assert [r.image for r in records] == sources
+    failed = [r for r in records if r.error is not None]
+    assert [r.image for r in failed] == sources[2:4]
+    for r in failed:
+        assert r.error is not None and r.error.code.value == "task_failed"
+        assert "rows of this image are refused" in r.error.message
+    assert all(len(r.top5) == 5 for r in records if r.error is None)
+    assert row_count(fresh_url, job.job_id) == 6
+    assert "Retry in" in worker.output()  # retried before failing for good
+    worker.stop()
+
+
 @pytest.fixture(scope="module")
 def own_postgres() -> Iterator[PostgresServer]:
     """A throwaway PostgreSQL with password authentication, for restarts."""

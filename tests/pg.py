@@ -1,9 +1,10 @@
 """PostgreSQL for the tests: a real server, never a stand-in.
 
 ``IMGQ_TEST_POSTGRES_URL`` when set; else ``postgresql://127.0.0.1:5432/test`` when
-it answers; else a throwaway server (Debian's ``initdb`` and ``pg_ctl``) in a
-temporary folder. Each test session works in a schema of its own (through the
-URL's ``search_path``), so parallel sessions on one database do not collide.
+it answers; else (or with ``IMGQ_TEST_POSTGRES_URL=throwaway``) a throwaway server
+(Debian's ``initdb`` and ``pg_ctl``) in a temporary folder. Each test session works
+in a schema of its own (through the URL's ``search_path``), so parallel sessions on
+one database do not collide.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import pytest
 from tests.conftest import free_port
 
 LOCAL_URL = "postgresql://127.0.0.1:5432/test"
+# IMGQ_TEST_POSTGRES_URL=throwaway: a throwaway server even when a local one answers.
+THROWAWAY = "throwaway"
 
 
 def pg_bin(name: str) -> str | None:
@@ -144,13 +147,12 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     import psycopg
 
     server: PostgresServer | None = None
-    base = os.environ.get("IMGQ_TEST_POSTGRES_URL")
-    if not base:
-        if answers(LOCAL_URL):
-            base = LOCAL_URL
-        else:
-            server = PostgresServer().init().start()
-            base = server.url()
+    base = os.environ.get("IMGQ_TEST_POSTGRES_URL", "")
+    if base == THROWAWAY or (not base and not answers(LOCAL_URL)):
+        server = PostgresServer().init().start()
+        base = server.url()
+    elif not base:
+        base = LOCAL_URL
     schema = f"imgq_test_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(base, autocommit=True) as conn:
         conn.execute(f"CREATE SCHEMA {schema}")

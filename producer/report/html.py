@@ -173,8 +173,9 @@ def write_html_report(
     ``models``: the columns, in order (a job's models). Given, the records are read
     once as a stream and grouped within ``window`` images (the job's chunk size
     groups every image; see :func:`~producer.report.compare.iter_images`), so
-    memory stays bounded however many there are. None: the records are held in
-    memory to learn the models, in first-seen order.
+    memory stays bounded however many there are; records of other models are left
+    out. None: the records are held in memory to learn the models, in first-seen
+    order.
 
     ``max_images``: the gallery shows the first this many images (None: all); the
     summary still counts every image, and the page says how many are shown.

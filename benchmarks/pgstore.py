@@ -2,13 +2,15 @@
 
     python benchmarks/pgstore.py                    # 200,000-image jobs, 1,000,000-record export
     python benchmarks/pgstore.py --images 20000 --export-records 100000   # a smoke run
+    python benchmarks/pgstore.py --only export --export-records 20000 --report-records 20000
 
 Figures (a model that returns zeros, 32x32 JPEGs, one worker process, one model):
 
 1. Redis peak ``used_memory`` growth during one job, with each store;
 2. routing capacity (images/s, submit to last result) with each store, alternating runs;
 3. exporting a job's records from PostgreSQL to Parquet and to JSONL through
-   ``imgq results``: seconds and the producer's peak RSS;
+   ``imgq results``, and drawing a job's HTML report with ``imgq report`` (image
+   paths that do not exist, so no thumbnails): seconds and the producer's peak RSS;
 4. bytes per record: PostgreSQL (table and indexes) and Redis (growth per record).
 
 PostgreSQL: ``--postgres-url`` (or ``IMGQ_BENCH_POSTGRES_URL``), else
@@ -41,6 +43,7 @@ TARGETS = {
     "memory_mb": 30.0,  # PostgreSQL store's Redis growth, at most
     "capacity_ratio": 0.8,  # PostgreSQL store's capacity / the Redis store's, at least
     "export_rss_mb": 250.0,  # producer peak RSS while exporting, at most
+    "report_rss_mb": 250.0,  # producer peak RSS while writing the HTML report, at most
 }
 MODEL = "bench_zeros"
 CHUNK = 512
@@ -193,14 +196,13 @@ _MEASURED_CLI = (
 )
 
 
-def export(stack: Stack, url: str, job_id: str, fmt: str, out: Path) -> dict[str, float]:
-    """``imgq results`` in a fresh process; its seconds and peak RSS (MiB)."""
+def measured_cli(stack: Stack, url: str, argv: list[str], out: Path) -> dict[str, float]:
+    """``imgq ARGV`` in a fresh process; its seconds, peak RSS (MiB) and file size."""
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("IMGQ_")},
         "IMGQ_BROKER_URL": stack.redis.url,
         "IMGQ_RESULTS_URL": url,
     }
-    argv = ["results", job_id, "--format", fmt, "--out", str(out)]
     t0 = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-c", _MEASURED_CLI, *argv],
@@ -211,9 +213,19 @@ def export(stack: Stack, url: str, job_id: str, fmt: str, out: Path) -> dict[str
     )
     seconds = time.perf_counter() - t0
     if done.returncode != 0:
-        raise RuntimeError(f"imgq results failed: {done.stderr}")
+        raise RuntimeError(f"imgq {argv[0]} failed: {done.stderr}")
     kib = int(done.stderr.rsplit("VmHWM", 1)[1].split()[0])
     return {"seconds": seconds, "peak_rss_mb": kib / 1024, "bytes": out.stat().st_size}
+
+
+def export(stack: Stack, url: str, job_id: str, fmt: str, out: Path) -> dict[str, float]:
+    """``imgq results`` in a fresh process; its seconds and peak RSS (MiB)."""
+    return measured_cli(stack, url, ["results", job_id, "--format", fmt, "--out", str(out)], out)
+
+
+def html_report(stack: Stack, url: str, job_id: str, out: Path) -> dict[str, float]:
+    """``imgq report --out`` in a fresh process; its seconds and peak RSS (MiB)."""
+    return measured_cli(stack, url, ["report", job_id, "--out", str(out)], out)
 
 
 def main() -> int:
@@ -222,10 +234,16 @@ def main() -> int:
     parser.add_argument("--capacity-images", type=int, default=40_960)
     parser.add_argument("--runs", type=int, default=3, help="capacity runs per store")
     parser.add_argument("--export-records", type=int, default=1_000_000)
+    parser.add_argument(
+        "--report-records", type=int, default=200_000, help="records in the HTML report's job"
+    )
     parser.add_argument("--postgres-url", default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument(
-        "--only", choices=["memory"], default=None, help="figures 1 and 4 alone (while tuning)"
+        "--only",
+        choices=["memory", "export"],
+        default=None,
+        help="figures 1 and 4 alone, or figure 3 alone (while tuning)",
     )
     args = parser.parse_args()
 
@@ -240,19 +258,28 @@ def main() -> int:
     with psycopg.connect(base, autocommit=True) as conn:
         conn.execute(f"CREATE SCHEMA {schema}")
     pg_url = with_schema(base, schema)
-    build_zeros(workdir / "zeros")
-    t = time.perf_counter()
-    # Short paths: every image reference travels in a message and in the job record.
-    tiny = [str(p) for p in write_tiny(workdir / "t", max(args.images, args.capacity_images))]
-    print(f"{len(tiny)} images in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    tiny: list[str] = []
+    if args.only != "export":  # figure 3 needs no worker and no image
+        build_zeros(workdir / "zeros")
+        t = time.perf_counter()
+        # Short paths: every image reference travels in a message and in the job record.
+        tiny = [str(p) for p in write_tiny(workdir / "t", max(args.images, args.capacity_images))]
+        print(f"{len(tiny)} images in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     models_file = workdir / "models.toml"
     models_file.write_text(
         f'[models.{MODEL}]\nhandle = "{workdir / "zeros"}"\ninput_size = 32\n'
         'labels = "imagenet1k"\nbatch_size = 512\nmax_batch_delay_ms = 0\n'
     )
     stack = Stack(workdir, models_file)
-    r: dict[str, Any] = {"images": args.images, "export_records": args.export_records}
+    r: dict[str, Any] = {
+        "images": args.images,
+        "export_records": args.export_records,
+        "report_records": args.report_records,
+    }
     try:
+        if args.only == "export":
+            export_figures(stack, pg_url, workdir, args, r)
+            return 0 if report(r) else 1
         for name, url in (("redis", "redis"), ("postgresql", pg_url)):
             r[f"memory_{name}"] = memory_job(stack, url, tiny[: args.images])
             print(f"memory job, {name} store: {r[f'memory_{name}']}", file=sys.stderr)
@@ -270,9 +297,7 @@ def main() -> int:
                 rates[name].append(timing.rate)
         r["capacity"] = rates
         stack.stop_worker()
-        job_id = fill_export_job(stack, pg_url, args.export_records)
-        r["export_parquet"] = export(stack, pg_url, job_id, "parquet", workdir / "x.parquet")
-        r["export_jsonl"] = export(stack, pg_url, job_id, "jsonl", workdir / "x.jsonl")
+        export_figures(stack, pg_url, workdir, args, r)
     finally:
         stack.close()
         with psycopg.connect(base, autocommit=True) as conn:
@@ -285,8 +310,55 @@ def main() -> int:
     return 0 if ok else 1
 
 
+def export_figures(
+    stack: Stack, pg_url: str, workdir: Path, args: argparse.Namespace, r: dict[str, Any]
+) -> None:
+    """Figure 3: the export job through ``imgq results``, the report job through
+    ``imgq report`` (each job's records written straight into PostgreSQL)."""
+    job_id = fill_export_job(stack, pg_url, args.export_records)
+    r["export_parquet"] = export(stack, pg_url, job_id, "parquet", workdir / "x.parquet")
+    r["export_jsonl"] = export(stack, pg_url, job_id, "jsonl", workdir / "x.jsonl")
+    if args.report_records != args.export_records:
+        job_id = fill_export_job(stack, pg_url, args.report_records)
+    r["report_html"] = html_report(stack, pg_url, job_id, workdir / "report.html")
+
+
+def print_figure3(r: dict[str, Any]) -> None:
+    """Figure 3's lines: each export, then the HTML report."""
+    for fmt in ("parquet", "jsonl"):
+        e = r[f"export_{fmt}"]
+        print(
+            f"3 export {r['export_records']} records to {fmt:<7}: {e['seconds']:.1f} s, "
+            f"producer peak RSS {e['peak_rss_mb']:.0f} MiB "
+            f"(target <= {TARGETS['export_rss_mb']:.0f}: "
+            f"{'meets' if e['peak_rss_mb'] <= TARGETS['export_rss_mb'] else 'MISSES'}), "
+            f"file {e['bytes'] / 1e6:.0f} MB"
+        )
+    h = r["report_html"]
+    print(
+        f"3 report {r['report_records']} records to html   : {h['seconds']:.1f} s, "
+        f"producer peak RSS {h['peak_rss_mb']:.0f} MiB "
+        f"(target <= {TARGETS['report_rss_mb']:.0f}: "
+        f"{'meets' if h['peak_rss_mb'] <= TARGETS['report_rss_mb'] else 'MISSES'}), "
+        f"file {h['bytes'] / 1e6:.0f} MB"
+    )
+
+
+def figure3_checks(r: dict[str, Any]) -> dict[str, bool]:
+    """Figure 3's targets: exports and report under their peak RSS."""
+    return {
+        "export_rss_mb": max(r["export_parquet"]["peak_rss_mb"], r["export_jsonl"]["peak_rss_mb"])
+        <= TARGETS["export_rss_mb"],
+        "report_rss_mb": r["report_html"]["peak_rss_mb"] <= TARGETS["report_rss_mb"],
+    }
+
+
 def report(r: dict[str, Any]) -> bool:
     """Print the figures against their targets; True when every target is met."""
+    if "memory_redis" not in r:  # --only export
+        print(f"\nimgq results stores: {CHUNK}-image chunks, records written into PostgreSQL")
+        print_figure3(r)
+        return all(figure3_checks(r).values())
     mr, mp = r["memory_redis"], r["memory_postgresql"]
     ratio = mp["redis_peak_growth_mb"] / mr["redis_peak_growth_mb"]
     if "capacity" not in r:  # --only memory
@@ -304,8 +376,7 @@ def report(r: dict[str, Any]) -> bool:
         "memory_ratio": ratio <= TARGETS["memory_ratio"],
         "memory_mb": mp["redis_peak_growth_mb"] <= TARGETS["memory_mb"],
         "capacity_ratio": cap_p / cap_r >= TARGETS["capacity_ratio"],
-        "export_rss_mb": max(r["export_parquet"]["peak_rss_mb"], r["export_jsonl"]["peak_rss_mb"])
-        <= TARGETS["export_rss_mb"],
+        **figure3_checks(r),
     }
 
     def mark(key: str) -> str:
@@ -335,15 +406,7 @@ def report(r: dict[str, Any]) -> bool:
         f"  ratio {cap_p / cap_r:.3f} (target >= {TARGETS['capacity_ratio']}: "
         f"{mark('capacity_ratio')})"
     )
-    for fmt in ("parquet", "jsonl"):
-        e = r[f"export_{fmt}"]
-        print(
-            f"3 export {r['export_records']} records to {fmt:<7}: {e['seconds']:.1f} s, "
-            f"producer peak RSS {e['peak_rss_mb']:.0f} MiB "
-            f"(target <= {TARGETS['export_rss_mb']:.0f}: "
-            f"{'meets' if e['peak_rss_mb'] <= TARGETS['export_rss_mb'] else 'MISSES'}), "
-            f"file {e['bytes'] / 1e6:.0f} MB"
-        )
+    print_figure3(r)
     pg = r["pg_bytes"]
     print(
         f"4 bytes per record: postgresql {pg['total_bytes']:.0f} (table {pg['table_bytes']:.0f}, "

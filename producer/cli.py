@@ -487,30 +487,46 @@ def run(
 
 
 def _write_reports(
-    client: Client, job: Job, html: Path | None, png_dir: Path | None, page_size: int = 100
+    client: Client,
+    job: Job,
+    html: Path | None,
+    png_dir: Path | None,
+    page_size: int = 100,
+    max_images: int | None = None,
 ) -> None:
+    """The HTML page and PNG charts of a job, each one streaming pass over its results."""
     try:
         from producer.report import model_info, write_html_report, write_png_reports
 
         activations, label_sets = model_info(client.registry())
-        records = job.results()
+        record = job.record
         if html is not None:
             stats = write_html_report(
-                records,
+                job.iter_results(),
                 html,
                 activations=activations,
                 label_sets=label_sets,
                 page_size=page_size,
-                title=f"imgq job {job.job_id}"
-                + (f": {job.record.name}" if job.record.name else ""),
+                title=f"imgq job {job.job_id}" + (f": {record.name}" if record.name else ""),
+                models=record.models,
+                window=record.chunk_size,
+                max_images=max_images,
             )
+            shown = f" (the first {stats.shown} shown)" if stats.shown < stats.images else ""
             click.echo(
-                f"wrote report {html}: {stats.images} images, {stats.pages} page(s), "
+                f"wrote report {html}: {stats.images} images{shown}, {stats.pages} page(s), "
                 f"{stats.size_bytes / 1e6:.1f} MB",
                 err=True,
             )
         if png_dir is not None:
-            paths = write_png_reports(records, png_dir, activations=activations)
+            paths = write_png_reports(
+                job.iter_results(),
+                png_dir,
+                activations=activations,
+                models=record.models,
+                total=record.total_images,
+                window=record.chunk_size,
+            )
             click.echo(f"wrote {len(paths)} PNG charts to {png_dir}", err=True)
     except ImportError as exc:  # Jinja2 or matplotlib missing: the `report` extra
         raise click.ClickException(
@@ -540,8 +556,23 @@ def _write_reports(
     show_default=True,
     help="Images per page in the HTML report.",
 )
-def report(job_id: str, out: Path | None, png_dir: Path | None, page_size: int) -> None:
-    """Top-5 bar charts per image and model, and how much the models agree."""
+@click.option(
+    "--max-images",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Show at most N images in the HTML report's gallery; the summary still counts "
+    "every image [default: all]. A page of more than a few tens of thousands of "
+    "thumbnails gets heavy in a browser.",
+)
+def report(
+    job_id: str, out: Path | None, png_dir: Path | None, page_size: int, max_images: int | None
+) -> None:
+    """Top-5 bar charts per image and model, and how much the models agree.
+
+    The job's results are read as a stream, in bounded batches, from either
+    results store, so memory does not grow with the job (the HTML file's size does).
+    """
     if out is None and png_dir is None:
         raise click.UsageError("give --out FILE.html, --png-dir DIR, or both")
     with _user_errors():
@@ -549,7 +580,7 @@ def report(job_id: str, out: Path | None, png_dir: Path | None, page_size: int) 
         job = client.job(job_id)
         if not job.status().finished:
             click.echo(f"job {job_id} is not finished: the report shows what is done", err=True)
-        _write_reports(client, job, out, png_dir, page_size)
+        _write_reports(client, job, out, png_dir, page_size, max_images)
 
 
 @main.command()

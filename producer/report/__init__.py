@@ -1,7 +1,8 @@
 """Model comparison reports: each image's top-5 per model side by side, and where models agree.
 
 Two outputs from the same result records, both built on the comparison maths in
-:mod:`producer.report.compare` (grouping, class matching, agreement):
+:mod:`producer.report.compare` (grouping, class matching, agreement), and both able
+to read the records as a stream, in memory that does not grow with the job:
 
 * :func:`write_html_report` (:mod:`producer.report.html`): one self-contained HTML
   file (no external URLs) from a Jinja2 template, with its stylesheet and script
@@ -13,14 +14,17 @@ Two outputs from the same result records, both built on the comparison maths in
 from __future__ import annotations
 
 from producer.report.compare import (
+    DEFAULT_WINDOW,
     MatchMethod,
     ModelStats,
     PairStats,
     ReportImage,
     Summary,
+    SummaryBuilder,
     activation_caption,
     compare,
     group_records,
+    iter_images,
     match_method,
     match_top5,
     model_info,
@@ -31,16 +35,19 @@ from producer.report.thumbnails import Thumbnailer, make_thumbnail, no_thumbnail
 
 __all__ = [
     "DEFAULT_TITLE",
+    "DEFAULT_WINDOW",
     "MatchMethod",
     "ModelStats",
     "PairStats",
     "ReportImage",
     "ReportStats",
     "Summary",
+    "SummaryBuilder",
     "Thumbnailer",
     "activation_caption",
     "compare",
     "group_records",
+    "iter_images",
     "make_thumbnail",
     "match_method",
     "match_top5",

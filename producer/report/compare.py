@@ -8,8 +8,8 @@ with the same label set are compared by class index.
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import lru_cache
@@ -19,15 +19,18 @@ from shared.registry import ModelSpec
 from shared.schemas import Prediction, ResultRecord
 
 __all__ = [
+    "DEFAULT_WINDOW",
     "MatchMethod",
     "ModelStats",
     "PairStats",
     "ReportImage",
     "Summary",
+    "SummaryBuilder",
     "activation_caption",
     "compare",
     "group_records",
     "image_agreement",
+    "iter_images",
     "match_method",
     "match_top5",
     "model_info",
@@ -44,17 +47,53 @@ class ReportImage:
     records: dict[str, ResultRecord] = field(default_factory=dict)
 
 
-def group_records(records: Iterable[ResultRecord]) -> tuple[list[str], list[ReportImage]]:
-    """Models and images in first-seen order; a later record for the same pair wins."""
-    models: dict[str, None] = {}
-    images: dict[str, ReportImage] = {}
+DEFAULT_WINDOW = 4096
+
+
+def iter_images(
+    records: Iterable[ResultRecord], *, window: int | None = DEFAULT_WINDOW
+) -> Iterator[ReportImage]:
+    """Records grouped into images as they stream in, yielded in first-seen order.
+
+    At most ``window`` images are open at once: when one more arrives, the oldest
+    is yielded and a record for it that comes later starts a new image. Both
+    results stores keep an image's records within one chunk's worth of records per
+    model (the Redis store chunk by chunk and model by model, PostgreSQL an image's
+    records side by side), so a window of the job's chunk size groups every image;
+    ``window`` None never lets one go (everything in memory).
+
+    Within the window a later record for the same image and model wins, as in
+    :func:`group_records`; the one difference is a source submitted twice at
+    positions further apart than the window, which shows as two images.
+    """
+    if window is not None and window < 1:
+        raise ValueError("window must be at least 1")
+    open_images: OrderedDict[str, ReportImage] = OrderedDict()
     for record in records:
-        models.setdefault(record.model, None)
-        image = images.get(record.image)
+        image = open_images.get(record.image)
         if image is None:
-            image = images[record.image] = ReportImage(src=record.image)
+            if window is not None and len(open_images) >= window:
+                yield open_images.popitem(last=False)[1]
+            image = open_images[record.image] = ReportImage(src=record.image)
         image.records[record.model] = record
-    return list(models), list(images.values())
+    while open_images:
+        yield open_images.popitem(last=False)[1]
+
+
+def group_records(records: Iterable[ResultRecord]) -> tuple[list[str], list[ReportImage]]:
+    """Models and images in first-seen order; a later record for the same pair wins.
+
+    Everything in memory; :func:`iter_images` streams the images instead.
+    """
+    models: dict[str, None] = {}
+
+    def seen(stream: Iterable[ResultRecord]) -> Iterator[ResultRecord]:
+        for record in stream:
+            models.setdefault(record.model, None)
+            yield record
+
+    images = list(iter_images(seen(records), window=None))
+    return list(models), images
 
 
 # --------------------------------------------------------------------------- matching
@@ -179,18 +218,37 @@ def _overlap(n_matched: int, a: Sequence[Prediction], b: Sequence[Prediction]) -
     return n_matched / k if k else 0.0
 
 
-def compare(
-    models: Sequence[str],
-    images: Sequence[ReportImage],
-    *,
-    label_sets: Mapping[str, str] | None = None,
-) -> Summary:
-    """Failures per model and, per pair of models, top-1 agreement and mean top-5 overlap."""
-    per_model = {m: ModelStats(model=m) for m in models}
-    for image in images:
-        for m in models:
-            record = image.records.get(m)
-            stats = per_model[m]
+class SummaryBuilder:
+    """The :func:`compare` figures accumulated one image at a time.
+
+    ``add`` each image once, in order; ``result`` gives the same Summary that
+    :func:`compare` gives over the same images, holding no image in between.
+    """
+
+    def __init__(
+        self, models: Sequence[str], *, label_sets: Mapping[str, str] | None = None
+    ) -> None:
+        self.models = list(models)
+        self.images = 0
+        self._per_model = {m: ModelStats(model=m) for m in self.models}
+        self._pairs = [
+            (a, b, _same_set(label_sets, a, b))
+            for ia, a in enumerate(self.models)
+            for b in self.models[ia + 1 :]
+        ]
+        n = len(self._pairs)
+        self._compared = [0] * n
+        self._agree = [0] * n
+        self._overlap = [0.0] * n
+        self._methods: list[Counter[str]] = [Counter() for _ in range(n)]
+
+    def add(self, image: ReportImage) -> None:
+        """Count one image: each model's outcome, and each pair's agreement on it."""
+        self.images += 1
+        records = image.records
+        for m in self.models:
+            record = records.get(m)
+            stats = self._per_model[m]
             if record is None:
                 stats.missing += 1
             elif record.error is not None:
@@ -199,23 +257,22 @@ def compare(
                 stats.errors[code] = stats.errors.get(code, 0) + 1
             else:
                 stats.ok += 1
-    pairs: list[PairStats] = []
-    for ia, a in enumerate(models):
-        for b in models[ia + 1 :]:
-            same = _same_set(label_sets, a, b)
-            compared = agree = 0
-            overlap_sum = 0.0
-            methods: Counter[str] = Counter()
-            for image in images:
-                ra, rb = image.records.get(a), image.records.get(b)
-                if ra is None or rb is None or not ra.ok or not rb.ok or not ra.top5 or not rb.top5:
-                    continue
-                compared += 1
-                if match_method(ra.top5[0], rb.top5[0], same_label_set=same) is not None:
-                    agree += 1
-                matches = match_top5(ra.top5, rb.top5, same_label_set=same)
-                overlap_sum += _overlap(len(matches), ra.top5, rb.top5)
-                methods.update(str(method) for _i, _j, method in matches)
+        for k, (a, b, same) in enumerate(self._pairs):
+            ra, rb = records.get(a), records.get(b)
+            if ra is None or rb is None or not ra.ok or not rb.ok or not ra.top5 or not rb.top5:
+                continue
+            self._compared[k] += 1
+            if match_method(ra.top5[0], rb.top5[0], same_label_set=same) is not None:
+                self._agree[k] += 1
+            matches = match_top5(ra.top5, rb.top5, same_label_set=same)
+            self._overlap[k] += _overlap(len(matches), ra.top5, rb.top5)
+            self._methods[k].update(str(method) for _i, _j, method in matches)
+
+    def result(self) -> Summary:
+        """The summary of the images added so far."""
+        pairs: list[PairStats] = []
+        for k, (a, b, same) in enumerate(self._pairs):
+            compared, agree, methods = self._compared[k], self._agree[k], self._methods[k]
             pairs.append(
                 PairStats(
                     model_a=a,
@@ -223,18 +280,41 @@ def compare(
                     compared=compared,
                     top1_agree=agree,
                     top1_agreement=agree / compared if compared else None,
-                    mean_top5_overlap=overlap_sum / compared if compared else None,
+                    mean_top5_overlap=self._overlap[k] / compared if compared else None,
                     same_label_set=same,
                     methods={str(m): methods[str(m)] for m in MatchMethod if methods[str(m)]},
                 )
             )
-    return Summary(
-        images=len(images),
-        models=list(models),
-        failures={m: per_model[m].failed for m in models},
-        per_model=per_model,
-        pairs=pairs,
-    )
+        per_model = {
+            m: ModelStats(
+                model=m,
+                ok=st.ok,
+                failed=st.failed,
+                missing=st.missing,
+                errors=dict(st.errors),
+            )
+            for m, st in self._per_model.items()
+        }
+        return Summary(
+            images=self.images,
+            models=list(self.models),
+            failures={m: per_model[m].failed for m in self.models},
+            per_model=per_model,
+            pairs=pairs,
+        )
+
+
+def compare(
+    models: Sequence[str],
+    images: Iterable[ReportImage],
+    *,
+    label_sets: Mapping[str, str] | None = None,
+) -> Summary:
+    """Failures per model and, per pair of models, top-1 agreement and mean top-5 overlap."""
+    builder = SummaryBuilder(models, label_sets=label_sets)
+    for image in images:
+        builder.add(image)
+    return builder.result()
 
 
 def image_agreement(

@@ -1,5 +1,5 @@
 """The PNG report: one chart per image, its picture and each model's top-5 bars
-(matplotlib, Agg, no pyplot)."""
+(matplotlib, Agg, no pyplot), drawn one figure at a time from the streamed records."""
 
 from __future__ import annotations
 
@@ -11,7 +11,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from producer.report.compare import ReportImage, activation_caption, group_records
+from producer.report.compare import (
+    DEFAULT_WINDOW,
+    ReportImage,
+    activation_caption,
+    group_records,
+    iter_images,
+)
 from producer.report.thumbnails import Thumbnailer, make_thumbnail
 from shared.schemas import ResultRecord
 
@@ -121,17 +127,35 @@ def write_png_reports(
     *,
     activations: Mapping[str, str],
     thumbnail: Thumbnailer | None = None,
+    models: Sequence[str] | None = None,
+    total: int | None = None,
+    window: int = DEFAULT_WINDOW,
 ) -> list[Path]:
-    """Write one PNG per image (picture and each model's top-5 bars); their paths in order."""
+    """Write one PNG per image (picture and each model's top-5 bars); their paths in order.
+
+    ``models`` (the charts, in order) and ``total`` (images expected, which sets the
+    width of the numbers in the file names) both given: the records are read once
+    as a stream, grouped within ``window`` images (see
+    :func:`~producer.report.compare.iter_images`). Either missing: the records are
+    held in memory to learn it.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from PIL import Image
 
-    models, images = group_records(records)
+    images: Iterable[ReportImage]
+    if models is None or total is None:
+        seen_models, grouped = group_records(records)
+        models = seen_models if models is None else models
+        total = len(grouped) if total is None else total
+        images = grouped
+    else:
+        images = iter_images(records, window=window)
+    models = list(models)
     captions = {m: activation_caption(activations.get(m)) for m in models}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     load = thumbnail or (lambda ref: make_thumbnail(ref, _PNG_IMAGE_SIDE))
-    width = max(5, len(str(len(images))))
+    width = max(5, len(str(total)))
     paths: list[Path] = []
     for index, image in enumerate(images, start=1):
         picture = None

@@ -66,6 +66,8 @@ def thumbnails(srcs: Sequence[str], thumbnail: Thumbnailer) -> list[bytes | None
         except Exception:
             return None
 
+    if thumbnail is no_thumbnail:
+        return [None] * len(srcs)
     if len(srcs) < 4:
         return [one(s) for s in srcs]
     with ThreadPoolExecutor(max_workers=min(_THUMB_WORKERS, os.cpu_count() or 1)) as pool:

@@ -33,7 +33,7 @@ lint: setup-dev
 
 ## The whole check: lint, types, then the tests on a real Redis and real workers.
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=20
 
 bench: setup-dev
 	$(BIN)/python benchmarks/run.py

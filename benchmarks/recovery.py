@@ -105,12 +105,18 @@ class Worker:
 
 
 def claims_of(r: Any, name: str) -> list[str]:
-    """Delivery tags held by the live worker with this node name."""
+    """Delivery tags held by the live worker with this node name, and not acknowledged.
+
+    A claim outlives its delivery's acknowledgement by up to one heartbeat (the
+    worker drops it at its next beat; recovery skips it, since only unacknowledged
+    deliveries are put back), so claims are checked against kombu's ``unacked``."""
+    from shared.broker_keys import UNACKED_KEY
     from shared.liveness import HELD_KEY, Liveness
 
     ids = [w.worker_id for w in Liveness(r, timeout=10).workers() if w.name.startswith(name + "@")]
     held = r.hgetall(HELD_KEY)
-    return [k.decode() for k, v in held.items() if v.decode() in ids]
+    mine = [k.decode() for k, v in held.items() if v.decode() in ids]
+    return [tag for tag in mine if r.hexists(UNACKED_KEY, tag)]
 
 
 def measure_recovery(

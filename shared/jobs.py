@@ -22,7 +22,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -234,18 +234,6 @@ class JobStore:
             self.get(job_id)  # a JobError saying the job is unknown or expired
             raise JobError(f"job {job_id!r} has no chunk {index}")
         return _decode_chunk(raw)
-
-    def iter_chunks(self, job_id: str, *, batch: int = 500) -> Iterator[list[ImageRef]]:
-        """Every chunk of a job, in order."""
-        key = self._key(job_id, ":chunks")
-        start = 0
-        while True:
-            raw: list[bytes] = self.client.lrange(key, start, start + batch - 1)  # type: ignore[assignment]
-            if not raw:
-                return
-            for item in raw:
-                yield _decode_chunk(item)
-            start += batch
 
     def mark_finished(self, tid: str, *, ok: int, failed: int) -> None:
         """Record that a task finished with ``ok`` results and ``failed`` errors (idempotent),

@@ -37,7 +37,12 @@ def test_create_and_read_back(store: JobStore) -> None:
     assert again.total_images == 10 and again.n_chunks == 3 and again.chunk_size == 4
     assert abs(again.created - job.created) < 1e-6
     assert store.chunk("jobs-create", 1) == images[4:8]
-    assert [c for c in store.iter_chunks("jobs-create", batch=2)] == chunks
+    assert [store.chunk("jobs-create", i) for i in range(3)] == chunks
+    assert [job.chunk_len(i) for i in range(3)] == [4, 4, 2]
+    with pytest.raises(JobError, match="has no chunk 3"):
+        store.chunk("jobs-create", 3)
+    with pytest.raises(JobError, match="unknown or has expired"):
+        store.chunk("jobs-never", 0)
     assert job.task_ids("m1") == [task_id("jobs-create", "m1", i) for i in range(3)]
     ttl = store.client.ttl("imgq:job:jobs-create:chunks")
     assert 3500 < int(ttl) <= 3600  # type: ignore[arg-type]

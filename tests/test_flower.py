@@ -10,6 +10,7 @@ worker in a real browser.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
 import subprocess
@@ -62,13 +63,11 @@ class FlowerProcess:
         return resp.json()
 
 
-@pytest.fixture(scope="module")
-def flower(
-    imgq_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[FlowerProcess]:
-    """A real Flower with basic auth on a free loopback port, stopped at the end."""
+@contextlib.contextmanager
+def running_flower(env: dict[str, str], log: Path) -> Iterator[FlowerProcess]:
+    """A real Flower (``celery -A workers.app flower``) with basic auth on a free
+    loopback port, configured by ``env`` like the workers; stopped at the end."""
     port = free_port()
-    log = tmp_path_factory.mktemp("flower") / "flower.log"
     cmd = [
         sys.executable,
         "-m",
@@ -82,9 +81,9 @@ def flower(
     ]
     # The login comes from the environment, as in the compose file: not on the
     # command line, where `ps` would show it.
-    env = {**imgq_env, "FLOWER_BASIC_AUTH": f"{USER}:{PASSWORD}"}
+    full_env = {**env, "FLOWER_BASIC_AUTH": f"{USER}:{PASSWORD}"}
     with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=fh, stderr=subprocess.STDOUT)
     flower = FlowerProcess(proc, f"http://127.0.0.1:{port}", log)
     deadline = time.monotonic() + 60
     while True:
@@ -108,6 +107,15 @@ def flower(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def flower(
+    imgq_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[FlowerProcess]:
+    """A real Flower on this session's Redis, for the module."""
+    with running_flower(imgq_env, tmp_path_factory.mktemp("flower") / "flower.log") as flower:
+        yield flower
 
 
 def poll(what: str, fn: Callable[[], Any], timeout: float = 30, interval: float = 0.3) -> Any:

@@ -1,8 +1,10 @@
 """Redis high availability: a real master, replica and three sentinels; the master is
-SIGKILLed mid-job, a replica is promoted, and the job finishes with every image once."""
+SIGKILLed mid-job, a replica is promoted, and the job finishes with every image once;
+Flower, watching through the sentinels, follows the failover."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 from collections.abc import Callable
@@ -15,6 +17,7 @@ from shared.settings import Settings
 from tests.conftest import WorkerProcess, run_cli
 from tests.redis_ha import MASTER_NAME, SentinelGroup
 from tests.test_faults import assert_exactly_once, make_images, succeeded, wait_for
+from tests.test_flower import running_flower
 
 pytestmark = pytest.mark.slow
 
@@ -23,6 +26,7 @@ def test_master_killed_mid_job_a_replica_takes_over(
     start_worker: Callable[..., WorkerProcess], imgq_env: dict[str, str], tmp_path: Path
 ) -> None:
     group = SentinelGroup(tmp_path / "ha").start()
+    stack = contextlib.ExitStack()
     try:
         env = {
             "IMGQ_BROKER_URL": group.url,
@@ -33,6 +37,8 @@ def test_master_killed_mid_job_a_replica_takes_over(
             "IMGQ_SWEEP_GRACE": "5",
         }
         worker = start_worker("tfault", name="ha", env=env, args=("--concurrency", "2"))
+        # Flower watches through the sentinels too, and must follow the failover.
+        flower = stack.enter_context(running_flower({**imgq_env, **env}, tmp_path / "flower.log"))
         client = Client(
             Settings(
                 broker_url=group.url,
@@ -67,6 +73,17 @@ def test_master_killed_mid_job_a_replica_takes_over(
         listing = run_cli(["workers", "--json"], cli_env, timeout=60)
         assert listing.returncode == 0, listing.stderr
         assert any(w["alive"] for w in json.loads(listing.stdout)["workers"])
+        # Flower, started on the old master, shows a job run on the new one.
+        after = client.submit(images[:8], models=["tfault"], chunk_size=2)
+        after.wait(progress=False, timeout=120)
+        ids = set(after.record.task_ids("tfault"))
+
+        def shown() -> bool:
+            tasks = flower.get("/api/tasks", search=after.job_id)
+            return set(tasks) == ids and all(t["state"] == "SUCCESS" for t in tasks.values())
+
+        wait_for(shown, 60, "Flower to show the job run after the failover")
         worker.stop()
     finally:
+        stack.close()
         group.stop()

@@ -35,26 +35,16 @@ from tests.test_report import (
     ACTIVATIONS,
     JS_STATE,
     LABEL_SETS,
-    ODD_NAME,
     example_records,
     failed,
     make_photo,
     ok,
+    photos,
     report_data,
     synthetic_records,
 )
 
-
-@pytest.fixture
-def pictures(tmp_path: Path) -> dict[str, Path]:
-    """Real image files for the example records (cat, dog, oddly named)."""
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    return {
-        "cat": make_photo(folder / "cat.jpg", (320, 240), (200, 140, 90)),
-        "dog": make_photo(folder / "dog.png", (200, 300), (90, 140, 200)),
-        "odd": make_photo(folder / ODD_NAME.replace("/", "_"), (240, 240), (120, 200, 120)),
-    }
+__all__ = ["photos"]  # the fixture of real image files, shared with tests/test_report.py
 
 
 def preds(seed: int, n: int = 5) -> list[Prediction]:
@@ -130,10 +120,10 @@ def test_duplicates_within_and_beyond_the_window() -> None:
 # --------------------------------------------------------------------------- summary
 
 
-def test_summary_builder_equals_compare(pictures: dict[str, Path]) -> None:
+def test_summary_builder_equals_compare(photos: dict[str, Path]) -> None:
     cases: list[tuple[list[ResultRecord], dict[str, str] | None]] = [
-        (example_records(pictures), LABEL_SETS),
-        (example_records(pictures), None),
+        (example_records(photos), LABEL_SETS),
+        (example_records(photos), None),
         (synthetic_records(300), LABEL_SETS),
         ([*two_models(20), failed("only-a.jpg", "a", ErrorCode.NOT_FOUND, "gone")], {"a": "s"}),
     ]
@@ -158,10 +148,10 @@ def test_summary_builder_equals_compare(pictures: dict[str, Path]) -> None:
 # --------------------------------------------------------------------------- HTML
 
 
-def test_streamed_html_is_byte_identical(pictures: dict[str, Path], tmp_path: Path) -> None:
+def test_streamed_html_is_byte_identical(photos: dict[str, Path], tmp_path: Path) -> None:
     thumb = make_photo(tmp_path / "t.jpg", (40, 30), (1, 2, 3)).read_bytes()
     cases = [
-        (example_records(pictures), None, 2),
+        (example_records(photos), None, 2),
         # More images than one batch of rows, thumbnails in a thread pool.
         (synthetic_records(700), lambda src: thumb, 100),
     ]

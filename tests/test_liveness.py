@@ -144,17 +144,23 @@ def test_frozen_worker_comes_back_without_doubling_anything(
 def test_a_lost_message_of_a_job_nobody_waits_for_is_sent_again(
     start_worker: Callable[..., WorkerProcess], client: Client, tmp_path: Path
 ) -> None:
+    # A database of its own: one sweep runs at a time per Redis, and the workers of
+    # other tests sweep with the default grace (60 s), not this test's.
+    url = client.settings.broker_url.rsplit("/", 1)[0] + "/8"
+    client = Client(client.settings.model_copy(update={"broker_url": url}))
     # A worker killed between taking a message off the queue and recording it as
     # taken loses it: simulated by deleting the queue before any worker runs.
     images = make_images(tmp_path / "imgs", 4, size=(64, 48))
     job = client.submit(images, models=["tsolo"], chunk_size=2)
     assert client.store.client.delete(*queue_lists("imgq.tsolo")) == 1
     resent = int(client.store.client.get(RESENT_KEY) or 0)
-    worker = start_worker("tsolo", name="sweeper", env={"IMGQ_SWEEP_GRACE": "3"})
+    worker = start_worker(
+        "tsolo", name="sweeper", env={"IMGQ_SWEEP_GRACE": "3", "IMGQ_BROKER_URL": url}
+    )
     try:
         wait_finished(client, job.job_id, 90)  # no producer waits
         assert_exactly_once(job.results(), images, ["tsolo"])
-        # Sent again by the sweep (of this worker, or of another on this Redis).
+        # Sent again by this worker's sweep, the only one on this database.
         assert int(client.store.client.get(RESENT_KEY) or 0) >= resent + 2
     finally:
         worker.stop()

@@ -171,7 +171,9 @@ def test_kill_loop_loses_and_doubles_nothing(
 ) -> None:
     images = make_images(tmp_path / "imgs", 2000, size=(32, 24))
     rng = random.Random(12)
-    env = {"IMGQ_MAX_BATCH_DELAY_MS": "250"}
+    # Each task waits for company it never gets (one task at a time, batches of 8),
+    # so a worker spends most of its time mid-task, where the kills land.
+    env = {"IMGQ_MAX_BATCH_DELAY_MS": "150"}
     args = ("--concurrency", "1")
     slots = [
         start_worker("tfault", name=f"loop{i}", env=env, args=args, wait=False) for i in range(3)

@@ -121,6 +121,17 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base
 
 
+def renamed_model_file(models_dir: Path, folder: Path, name: str, source: str = "t1001") -> Path:
+    """A models file serving the test SavedModel ``source`` under the name ``name``, so
+    that a module's own workers take tasks no shared worker serves."""
+    _, _, _, labels = TEST_MODELS[source]
+    path = folder / "models.toml"
+    path.write_text(
+        f'[models.{name}]\nhandle = "{models_dir / source}"\ninput_size = 32\nlabels = "{labels}"\n'
+    )
+    return path
+
+
 @pytest.fixture(scope="session")
 def imgq_env(redis_url: str, models_dir: Path) -> dict[str, str]:
     """The environment a producer or worker of the tests runs with."""

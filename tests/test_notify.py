@@ -20,7 +20,7 @@ from shared.jobs import JobStore
 from shared.notify import notify_if_ended, notify_job_end
 from shared.schemas import ImageRef
 from shared.settings import Settings
-from tests.conftest import WorkerProcess, run_cli
+from tests.conftest import WorkerProcess, renamed_model_file, run_cli
 from tests.notify_receiver import Receiver
 
 pytestmark = pytest.mark.slow
@@ -40,12 +40,7 @@ QUIET_S = 1.5
 @pytest.fixture(scope="module")
 def models_file(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A models file with MODEL (the t1001 SavedModel under another name)."""
-    path = tmp_path_factory.mktemp("notify-models") / "models.toml"
-    path.write_text(
-        f'[models.{MODEL}]\nhandle = "{models_dir / "t1001"}"\ninput_size = 32\n'
-        'labels = "imagenet1k-background"\n'
-    )
-    return path
+    return renamed_model_file(models_dir, tmp_path_factory.mktemp("notify-models"), MODEL)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from producer.api import Client
 from shared.settings import Settings
-from tests.conftest import ROOT, WorkerProcess, free_port
+from tests.conftest import ROOT, WorkerProcess, free_port, renamed_model_file
 
 pytestmark = pytest.mark.slow
 
@@ -43,12 +43,7 @@ def value(samples: dict[Any, float], name: str, **labels: str) -> float:
 @pytest.fixture(scope="module")
 def models_file(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A models file with MODEL (the t1001 SavedModel under another name)."""
-    path = tmp_path_factory.mktemp("metrics-models") / "models.toml"
-    path.write_text(
-        f'[models.{MODEL}]\nhandle = "{models_dir / "t1001"}"\ninput_size = 32\n'
-        'labels = "imagenet1k-background"\n'
-    )
-    return path
+    return renamed_model_file(models_dir, tmp_path_factory.mktemp("metrics-models"), MODEL)
 
 
 @pytest.fixture(scope="module")

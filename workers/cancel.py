@@ -64,14 +64,13 @@ class CancelWatch:
         return cancelled
 
 
-def drop_task(task: Task, job_id: str, *, reason: str = "job cancelled") -> NoReturn:
+def drop_task(task: Task, job_id: str, *, state: str = "cancelled") -> NoReturn:
     """End a task of a cancelled (or deleted) job without a result: REVOKED for Flower,
-    then acknowledged."""
+    then acknowledged. ``state`` says why: "cancelled", or "gone" (no job record)."""
     tid = task.request.id
-    if reason == "job cancelled":
-        log.info("job %s is cancelled: task %s dropped", job_id, tid)
+    log.info("job %s is %s: task %s dropped", job_id, state, tid)
     try:
-        task.backend.mark_as_revoked(tid, reason=reason, request=task.request)
+        task.backend.mark_as_revoked(tid, reason=f"job {state}", request=task.request)
         task.send_event("task-revoked", terminated=False, signum=None, expired=False)
     except Exception as exc:  # bookkeeping for monitors only: the task is dropped anyway
         log.warning("task %s: could not record it as revoked (%s)", tid, exc)

@@ -190,8 +190,8 @@ def _chunk_images(task: Task, message: ClassifyMessage) -> list[ImageRef]:
             f"reading chunk {message.chunk} of job {message.job_id}",
         )
     except JobError as exc:
-        log.warning("task %s: %s; dropped", task.request.id, exc)
-        drop_task(task, message.job_id, reason="job record gone")
+        log.warning("task %s: %s", task.request.id, exc)
+        drop_task(task, message.job_id, state="gone")
 
 
 def _store_failed_chunk(tid: str, exc: BaseException) -> None:

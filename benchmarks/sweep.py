@@ -1,0 +1,156 @@
+"""What one pass of the sweep for lost tasks costs on a long queue.
+
+    python benchmarks/sweep.py                  # about a minute on 2 CPU cores
+    python benchmarks/sweep.py --queued 10000 --stuck 5 --json out.json
+
+A model's queue holds ``--queued`` waiting messages (100,000 by default) of a big
+job, spread over the ten priority lists, and ``--stuck`` jobs (50) of 20 tasks each
+have made no progress for longer than the grace period: of each, 10 tasks wait in
+the queue too, 2 are delivered and unacknowledged, 8 are lost. Printed: the time of
+the pass that examines the stuck jobs (it reads the queue and the deliveries, and
+records the suspects) and of the next one (it sends the lost tasks again), and the
+tasks sent. On the redis-server on PATH, no worker, in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MODEL = "bench_sweep"
+TASKS_PER_JOB = 20
+QUEUED_PER_JOB = 10
+HELD_PER_JOB = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def fill(app: Any, broker: Any, queued: int, stuck: int) -> None:
+    """The queue, the deliveries and the stuck jobs' records."""
+    from shared import keys, open_jobs
+    from shared.celery_app import job_store_for
+    from shared.priority import queue_lists
+    from shared.registry import queue_for
+    from shared.schemas import ImageRef
+
+    queue = queue_for(MODEL)
+    lists = queue_lists(queue)
+    client = broker.client
+    # One real message, as Celery sends it, is the template of every other.
+    app.send_task("imgq.classify", args=["big", MODEL, 0, 32], task_id="template", queue=queue)
+    template = json.loads(client.rpop(queue))
+    store = job_store_for(app)
+
+    def message(tid: str) -> str:
+        template["headers"]["id"] = template["headers"]["root_id"] = tid
+        template["properties"]["correlation_id"] = tid
+        return json.dumps(template)
+
+    pipe = client.pipeline(transaction=False)
+    for i in range(queued):
+        pipe.lpush(lists[i % len(lists)], message(f"big.{MODEL}.{i:06d}"))
+        if i % 5000 == 4999:
+            pipe.execute()
+    pipe.execute()
+    chunk = [ImageRef(src="/data/a.jpg", ref="/data/a.jpg")]
+    for j in range(stuck):
+        job_id = f"stuck{j:03d}"
+        store.create(job_id, [MODEL], [chunk] * TASKS_PER_JOB, chunk_size=1)
+        open_jobs.track(store.client, job_id)
+        store.client.hset(
+            keys.sweep_state(job_id),
+            mapping={"finished": "0", "since": repr(time.time() - 3600), "suspects": "[]"},
+        )
+        for i in range(QUEUED_PER_JOB):
+            client.lpush(lists[5], message(f"{job_id}.{MODEL}.{i:06d}"))
+        for i in range(QUEUED_PER_JOB, QUEUED_PER_JOB + HELD_PER_JOB):
+            tag = f"tag-{job_id}-{i}"
+            entry = json.dumps([json.loads(message(f"{job_id}.{MODEL}.{i:06d}")), queue, queue])
+            client.hset("unacked", tag, entry)
+            client.zadd("unacked_index", {tag: time.time()})
+
+
+def measure(queued: int, stuck: int) -> dict[str, Any]:
+    from shared.celery_app import create_app
+    from shared.liveness import BrokerRedis
+    from shared.settings import Settings
+    from workers.sweep import sweep
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("no redis-server on PATH")
+    folder = Path(tempfile.mkdtemp(prefix="imgq-bench-sweep-"))
+    port = free_port()
+    server = subprocess.Popen(
+        [binary, "--port", str(port), "--save", "", "--dir", str(folder)],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        settings = Settings(broker_url=url, sweep_grace=1)
+        app = create_app(settings)
+        broker = BrokerRedis(app)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                broker.client.ping()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+                broker.close()
+        fill(app, broker, queued, stuck)
+        passes = []
+        for _ in range(2):
+            t = time.perf_counter()
+            kwargs: dict[str, Any] = {"lock_s": 600}
+            sent = sweep(app, broker, settings, by="bench", **kwargs)
+            passes.append({"seconds": time.perf_counter() - t, "sent": sent})
+            broker.client.delete("imgq:lock:sweep", "imgq:lock:sweep-pace")
+        broker.close()
+        return {"queued": queued, "stuck": stuck, "passes": passes}
+    finally:
+        server.terminate()
+        server.wait(10)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--queued", type=int, default=100_000, help="messages in the queue")
+    parser.add_argument("--stuck", type=int, default=50, help="stuck jobs")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args(argv)
+    logging.getLogger("workers.sweep").setLevel(logging.ERROR)  # one line per job resent
+    result = measure(args.queued, args.stuck)
+    first, second = result["passes"]
+    print(
+        f"{args.queued:,} queued, {args.stuck} stuck jobs: examining pass "
+        f"{first['seconds']:.2f} s, next pass {second['seconds']:.2f} s "
+        f"({second['sent']} task(s) sent again; expected "
+        f"{args.stuck * (TASKS_PER_JOB - QUEUED_PER_JOB - HELD_PER_JOB)})"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

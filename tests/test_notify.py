@@ -1,10 +1,13 @@
-"""Completion callbacks on real workers: one signed POST per job, retried, private URLs refused."""
+"""Completion callbacks on real workers: one signed POST per job, retried, taken over when
+its sender dies or stops, private URLs refused."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import json
+import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -15,9 +18,16 @@ import pytest
 import redis
 
 from producer.api import Client
+from shared import keys
 from shared.contract import task_id
 from shared.jobs import JobStore
-from shared.notify import notify_if_ended, notify_job_end
+from shared.notify import (
+    DELIVERY_HEADER,
+    notify_if_ended,
+    notify_job_end,
+    resume_due,
+    track_due,
+)
 from shared.schemas import ImageRef
 from shared.settings import Settings
 from tests.conftest import WorkerProcess, renamed_model_file, run_cli
@@ -32,6 +42,11 @@ ENV = {
     "IMGQ_ALLOW_PRIVATE_URLS": "true",  # the receiver listens on loopback
     "IMGQ_NOTIFY_SECRET": SECRET,
     "IMGQ_NOTIFY_BACKOFF": "0.2",
+    # Enough tries that a sender never runs out of them in these tests.
+    "IMGQ_NOTIFY_TRIES": "20",
+    # The callback's lease lasts a heartbeat timeout: a dead sender's expires in 4 s.
+    "IMGQ_HEARTBEAT_INTERVAL": "1",
+    "IMGQ_HEARTBEAT_TIMEOUT": "4",
 }
 # After the first POST, how long to keep watching for a second one.
 QUIET_S = 1.5
@@ -69,6 +84,7 @@ def make_client(imgq_env: dict[str, str], models_file: Path) -> Client:
             allow_private_urls=True,
             notify_secret=SECRET,
             notify_backoff=0.2,
+            notify_tries=20,
         )
     )
 
@@ -137,6 +153,10 @@ def test_receiver_failing_twice_gets_a_third_try(
     posts = receiver.wait_for("/flaky", 3)
     assert [p.status for p in posts] == [503, 503, 200]
     assert len({p.body for p in posts}) == 1  # the same document each time
+    # ... under the same delivery id, which the document carries too
+    assert {p.headers[DELIVERY_HEADER.lower()] for p in posts} == {
+        json.loads(posts[0].body)["delivery_id"]
+    }
     verify(posts[2].headers, posts[2].body)
     time.sleep(QUIET_S)
     assert len(receiver.posts_to("/flaky")) == 3
@@ -157,7 +177,7 @@ def test_simultaneous_ends_claim_once_and_all_failed_is_failed(
     # A process not allowed to reach the receiver does not take the claim from others.
     strict = Settings(broker_url=imgq_env["IMGQ_BROKER_URL"])
     assert notify_job_end(store, jid, "failed", strict) is None
-    assert client.get(f"imgq:job:{jid}:notified") is None
+    assert not client.exists(keys.job_callback_lease(jid), keys.job_callback(jid))
     store.mark_finished(task_id(jid, "m1", 0), ok=0, failed=1)
     assert notify_if_ended(store, jid, settings) is False  # two chunks to go
     for i in (1, 2):
@@ -185,6 +205,42 @@ def test_simultaneous_ends_claim_once_and_all_failed_is_failed(
     assert len(receiver.posts_to("/race")) == 1
 
 
+def test_an_end_nobody_saw_is_found_by_the_scan(
+    receiver: Receiver, imgq_env: dict[str, str]
+) -> None:
+    """The process that recorded a job's last task died before taking the callback's
+    lease: the job is in the due set since its submit, so a scan sends the callback.
+    Jobs deleted or expired meanwhile leave the set."""
+    client = redis.Redis.from_url(imgq_env["IMGQ_BROKER_URL"])
+    store = JobStore(client, ttl=600)
+    jid = "notify-unseen-" + uuid.uuid4().hex[:8]
+    gone = "notify-gone-" + uuid.uuid4().hex[:8]
+    store.create(jid, ["m1"], [[ImageRef(src="/x.jpg", ref="/x.jpg")]], chunk_size=1,
+                 notify=receiver.url("/unseen"))  # fmt: skip
+    track_due(store, jid)
+    client.zadd(keys.CALLBACKS_DUE, {gone: 0})
+    settings = Settings(
+        broker_url=imgq_env["IMGQ_BROKER_URL"], allow_private_urls=True, notify_backoff=0.2
+    )
+    store.mark_finished(task_id(jid, "m1", 0), ok=1, failed=0)  # ... and nothing more
+    deadline = time.monotonic() + 30
+    while not receiver.posts_to("/unseen"):
+        assert time.monotonic() < deadline
+        resume_due(store, settings)  # the workers scan too: whoever takes the lease sends
+        time.sleep(0.1)
+    post = receiver.wait_for("/unseen", 1)[0]
+    assert json.loads(post.body)["state"] == "finished"
+    while client.zscore(keys.CALLBACKS_DUE, jid) is not None:  # removed with the outcome
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    while client.zscore(keys.CALLBACKS_DUE, gone) is not None:  # removed by a scan
+        assert time.monotonic() < deadline
+        resume_due(store, settings)
+        time.sleep(0.1)
+    time.sleep(QUIET_S)
+    assert len(receiver.posts_to("/unseen")) == 1
+
+
 @pytest.mark.parametrize(
     ("url", "message"),
     [
@@ -199,8 +255,108 @@ def test_refused_notify_url_fails_the_submit(
 ) -> None:
     image = sorted(str(p) for p in photos.glob("*.jpg"))[0]
     result = run_cli(["submit", image, "-m", "t1001", "--notify", url], imgq_env, timeout=120)
-    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.returncode == 2, result.stdout + result.stderr  # a usage error
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
     assert message in lines[0]
     assert "submitted job" not in result.stdout
+
+
+def sender_of(store: JobStore, job_id: str, workers: list[WorkerProcess]) -> WorkerProcess:
+    """The worker holding the job's callback lease (its value is host/pid/random)."""
+    deadline = time.monotonic() + 30
+    while True:
+        raw = store.client.get(keys.job_callback_lease(job_id))
+        if raw is not None:
+            pid = int(raw.decode().split("/")[1])
+            return next(w for w in workers if w.running.pid == pid)
+        assert time.monotonic() < deadline, "nobody holds the callback's lease"
+        time.sleep(0.05)
+
+
+def test_sender_killed_mid_retry_another_worker_delivers(
+    workers: list[WorkerProcess],
+    receiver: Receiver,
+    imgq_env: dict[str, str],
+    models_file: Path,
+    photos: Path,
+) -> None:
+    """SIGKILL the worker that retries a callback: the other worker takes it over once the
+    lease expires, and POSTs the same document under the same delivery id."""
+    receiver.fail_first = 1000  # down until told otherwise
+    client = make_client(imgq_env, models_file)
+    image = sorted(str(p) for p in photos.glob("*.jpg"))[0]
+    job = client.submit([image], models=[MODEL], notify=receiver.url("/killed"))
+    receiver.wait_for("/killed", 2, timeout=120)  # a worker sent and is retrying
+    sender = sender_of(client.store, job.job_id, workers)
+    sending = job.status().callback
+    assert sending is not None and sending.state == "sending" and sending.attempts >= 2
+    assert sending.last_error == "HTTP 503" and sending.http_status == 503
+    sender.running.kill()
+    sender.running.wait(10)
+    before = len(receiver.posts_to("/killed"))
+    receiver.fail_first = before + 1  # the taker's first try fails too, its second succeeds
+    posts = receiver.wait_for("/killed", before + 2, timeout=60)
+    assert [p.status for p in posts] == [503] * (before + 1) + [200]
+    assert len({p.body for p in posts}) == 1
+    assert len({p.headers[DELIVERY_HEADER.lower()] for p in posts}) == 1
+    verify(posts[-1].headers, posts[-1].body)
+    want = {"state": "sent", "attempts": before + 2, "last_error": "HTTP 503", "http_status": 200}
+    deadline = time.monotonic() + 10
+    while (callback := job.status().callback) is None or callback.state != "sent":
+        assert time.monotonic() < deadline, callback
+        time.sleep(0.05)
+    result = run_cli(["status", job.job_id, "--json"], imgq_env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["callback"] == want
+    (listed,) = [j for j in client.jobs(limit=100) if j.job_id == job.job_id]
+    assert listed.as_dict()["callback"] == want
+    assert client.store.client.zscore(keys.CALLBACKS_DUE, job.job_id) is None
+    time.sleep(QUIET_S)
+    assert len(receiver.posts_to("/killed")) == before + 2
+
+
+def test_worker_stopping_mid_retry_gives_up_its_lease(
+    workers: list[WorkerProcess],
+    receiver: Receiver,
+    imgq_env: dict[str, str],
+    models_file: Path,
+    photos: Path,
+) -> None:
+    """SIGTERM the worker that retries a callback: it lets go of the lease at once and
+    exits without spending its tries; another process sends the callback."""
+    alive = [w for w in workers if w.running.poll() is None]
+    receiver.fail_first = 1000
+    client = make_client(imgq_env, models_file)
+    image = sorted(str(p) for p in photos.glob("*.jpg"))[0]
+    job = client.submit([image], models=[MODEL], notify=receiver.url("/stopped"))
+    receiver.wait_for("/stopped", 2, timeout=120)
+    sender = sender_of(client.store, job.job_id, alive)
+    lease = keys.job_callback_lease(job.job_id)
+    holder = client.store.client.get(lease)
+    stopped = time.monotonic()
+    sender.running.send_signal(signal.SIGTERM)
+    # Renewed to 4 s every second, the lease is deleted, not left to expire.
+    last_ttl = 0
+    while client.store.client.get(lease) == holder:
+        last_ttl = max(0, int(client.store.client.pttl(lease))) or last_ttl
+        assert time.monotonic() - stopped < 30
+        time.sleep(0.02)
+    assert last_ttl > 2000
+    try:
+        # 18 more tries would take minutes of backoff; the worker does not wait for them.
+        assert sender.running.wait(30) == 0
+    except subprocess.TimeoutExpired:
+        pytest.fail("the stopping worker waited for its callback's tries")
+    before = len(receiver.posts_to("/stopped"))
+    receiver.fail_first = before  # up again
+    # Another worker, or this process (the same scan), takes the callback over.
+    settings = make_client(imgq_env, models_file).settings
+    deadline = time.monotonic() + 30
+    while len(receiver.posts_to("/stopped")) == before:
+        assert time.monotonic() < deadline
+        resume_due(client.store, settings)
+        time.sleep(0.2)
+    posts = receiver.wait_for("/stopped", before + 1)
+    assert posts[-1].status == 200
+    assert len({p.headers[DELIVERY_HEADER.lower()] for p in posts}) == 1

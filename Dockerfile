@@ -8,8 +8,13 @@
 # Build for NVIDIA GPU hosts (TensorFlow with its CUDA libraries from pip; the
 # host needs only the NVIDIA driver and the NVIDIA Container Toolkit):
 #   docker build --build-arg TF_PACKAGE='tensorflow[and-cuda]' -t imgq:gpu .
+# Another base image (a mirror of python:3.11-slim, or a local one on hosts that
+# reach no image registry; it needs Python 3.11+ as `python`, pip as `pip`, and
+# groupadd/useradd), for either build:
+#   docker build --build-arg BASE_IMAGE=registry.example.com/python:3.11-slim -t imgq .
 
-FROM python:3.11-slim
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
 
 # Which TensorFlow distribution replaces `tensorflow-cpu` from the project's
 # `worker` extra: `tensorflow-cpu` (default) or `tensorflow[and-cuda]` for GPUs.
@@ -23,14 +28,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     TFHUB_CACHE_DIR=/cache/tfhub \
+    CUDA_CACHE_PATH=/cache/cuda \
+    CUDA_CACHE_MAXSIZE=4294967296 \
     TF_CPP_MIN_LOG_LEVEL=1
 
 # A fixed, unprivileged user. The directories that volumes are mounted on are
 # created here and owned by it, so a fresh named volume starts out writable.
 RUN groupadd --system --gid 10001 imgq \
  && useradd --system --uid 10001 --gid imgq --create-home --home-dir /home/imgq imgq \
- && mkdir -p /app /cache/tfhub /data /images /results \
- && chown imgq:imgq /cache/tfhub /data /images /results
+ && mkdir -p /app /cache/tfhub /cache/cuda /data /images /results \
+ && chown imgq:imgq /cache/tfhub /cache/cuda /data /images /results
 
 WORKDIR /app
 
@@ -39,8 +46,8 @@ WORKDIR /app
 # dependencies plus its `worker` extra, with TF_PACKAGE in place of
 # tensorflow-cpu, and the extras named in IMAGE_EXTRAS: `report` so that
 # `imgq report` works in the image, `postgres` for the
-# PostgreSQL results store), so the bounds are written in one place only.
-ARG IMAGE_EXTRAS="report postgres"
+# PostgreSQL results store, `s3` for s3:// sources and outputs), so the bounds are written in one place only.
+ARG IMAGE_EXTRAS="report postgres s3"
 COPY pyproject.toml ./
 RUN python -c "import os, sys, tomllib; \
 p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \

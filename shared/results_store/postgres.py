@@ -1,227 +1,31 @@
-"""Where result records live, chosen by ``IMGQ_RESULTS_URL``: Redis or PostgreSQL.
-
-- ``redis`` (the default): a task's records are its Celery result, in the result
-  backend's Redis, expiring after ``IMGQ_RESULT_EXPIRES``.
-- ``postgresql://...``: workers write a chunk's records into the ``imgq_results``
-  table in one statement, idempotently (primary key: job, image position, model);
-  the Celery result is a small summary. Rows stay until ``imgq delete``.
-
-Either way, *which tasks are finished* comes from the Redis job bookkeeping
-(``shared.jobs``): status, waiting, resending and cancelling work the same.
-"""
+"""One row per image and model in PostgreSQL's ``imgq_results`` table
+(``IMGQ_RESULTS_URL=postgresql://...``)."""
 
 from __future__ import annotations
 
-import gc
 import logging
 import random
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import TypeAdapter
 
-from shared.contract import ResultDict, error_result, task_id
-from shared.jobs import JOB_INDEX_KEY, JobRecord, JobStore, attempt_keys
-from shared.open_jobs import OPEN_JOBS_KEY
-from shared.schemas import ErrorCode, ImageRef, ResultRecord, error_record
+from shared.contract import ResultDict
+from shared.jobs import JobRecord
+from shared.results_store.base import ResultsSchemaError, ResultsStoreError, gc_paused
+from shared.schemas import ResultRecord
 
 log = logging.getLogger(__name__)
 
-_MGET_BATCH = 500
 # Rows fetched per round trip from PostgreSQL's server-side cursor.
 PG_FETCH_ROWS = 5000
 # How long a worker keeps retrying a write while PostgreSQL is away (a restart).
 PG_PATIENCE_S = 120.0
 
 
-class ResultsStoreError(RuntimeError):
-    """The results store is misconfigured or unreachable (one line, no password)."""
-
-
-class ResultsSchemaError(ResultsStoreError):
-    """The results table's schema is newer than this imgq: waiting cannot help."""
-
-
-class ResultsStore(Protocol):
-    """Writes a chunk's records (workers) and reads a job's records back (producers)."""
-
-    kind: str
-
-    @property
-    def keeps_records(self) -> bool:
-        """True when workers write records here; False when they travel as the task result."""
-        ...
-
-    def check(self) -> None:
-        """Reach the store and make it ready (schema); ResultsStoreError when it cannot."""
-        ...
-
-    def write_chunk(
-        self, job_id: str, model: str, first: int, records: Sequence[ResultDict]
-    ) -> None:
-        """Store one chunk's records; ``first`` is the job position of its first image."""
-        ...
-
-    def iter_records(self, job: JobRecord) -> Iterator[ResultRecord]:
-        """Every stored record of a job, in submission order, read in bounded batches."""
-        ...
-
-    def delete_job(self, job: JobRecord) -> int:
-        """Remove a job's records; how many results (rows or task results) went."""
-        ...
-
-    def close(self) -> None:
-        """Release connections."""
-        ...
-
-
-# --- Redis: records are the Celery task results ----------------------------------------
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while building many objects at once.
-
-    Results are acyclic (reference counting frees them); without the pause,
-    collections triggered by the allocations traverse every record kept so far,
-    which made fetching 40,000 records six times slower.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-@dataclass(frozen=True)
-class TaskOutcome:
-    """What the result backend holds for one task: its state and, when ready, its records."""
-
-    state: str
-    records: list[ResultRecord] | None = None
-    error: str | None = None
-
-
-class _SuccessMeta(BaseModel):
-    """A successful task's entry in the result backend (other keys ignored)."""
-
-    status: Literal["SUCCESS"]
-    result: list[ResultRecord]
-
-
-# Parsed and validated in one pass from the stored JSON bytes (pydantic-core).
-_SUCCESS = TypeAdapter(_SuccessMeta)
-
-
-class RedisResultsStore:
-    """Records as Celery task results in the result backend (today's behaviour)."""
-
-    kind = "redis"
-
-    def __init__(self, backend: Any, jobs: JobStore) -> None:
-        self.backend = backend
-        self.jobs = jobs
-
-    @property
-    def keeps_records(self) -> bool:
-        """Workers return records as the task result; nothing is written here."""
-        return False
-
-    def check(self) -> None:
-        """Nothing to prepare: the result backend is the broker's Redis."""
-
-    def write_chunk(
-        self, job_id: str, model: str, first: int, records: Sequence[ResultDict]
-    ) -> None:
-        """Nothing to do: the records travel as the task's result."""
-
-    def outcomes(self, task_ids: Sequence[str]) -> list[TaskOutcome]:
-        """The result backend's state (and records) of each task, in order."""
-        backend = self.backend
-        out: list[TaskOutcome] = []
-        with gc_paused():
-            for start in range(0, len(task_ids), _MGET_BATCH):
-                batch = task_ids[start : start + _MGET_BATCH]
-                values = backend.mget([backend.get_key_for_task(t) for t in batch])
-                out.extend(self._outcome(backend, value) for value in values)
-        return out
-
-    @staticmethod
-    def _outcome(backend: Any, value: bytes | None) -> TaskOutcome:
-        if value is None:
-            return TaskOutcome(state="PENDING")
-        try:
-            ok = _SUCCESS.validate_json(value)
-        except ValidationError:
-            pass
-        else:
-            return TaskOutcome(state=ok.status, records=ok.result)
-        meta = backend.decode_result(value)
-        state = meta["status"]
-        if state == "SUCCESS" and isinstance(meta["result"], dict):
-            # A summary: the workers wrote the records to another store.
-            raise ResultsStoreError(
-                f"the workers stored this job's results in {meta['result'].get('stored')}: "
-                "set IMGQ_RESULTS_URL to the workers' value"
-            )
-        if state == "SUCCESS":  # stored in a form the fast parse did not take
-            return TaskOutcome(
-                state=state, records=[ResultRecord.model_validate(r) for r in meta["result"]]
-            )
-        if state == "FAILURE":
-            exc = meta.get("result")
-            return TaskOutcome(state=state, error=f"{type(exc).__name__}: {exc}")
-        return TaskOutcome(state=state)
-
-    def iter_records(self, job: JobRecord) -> Iterator[ResultRecord]:
-        """Records chunk by chunk and model by model, ``_MGET_BATCH`` chunks at a time.
-
-        A task that failed for good yields a ``task_failed`` record for each of its
-        images, so a finished job has exactly one record per image and model.
-        """
-        models = job.models
-        n = job.n_chunks
-        for start in range(0, n, _MGET_BATCH):
-            stop = min(n, start + _MGET_BATCH)
-            ids = [task_id(job.job_id, m, i) for i in range(start, stop) for m in models]
-            outcomes = iter(self.outcomes(ids))
-            for index in range(start, stop):
-                for model in models:
-                    outcome = next(outcomes)
-                    if outcome.records is not None:
-                        yield from outcome.records
-                    elif outcome.state == "FAILURE":
-                        for ref in self.jobs.chunk(job.job_id, index):
-                            yield error_record(
-                                job.job_id,
-                                ref.src,
-                                model,
-                                ErrorCode.TASK_FAILED,
-                                f"the task failed after its retries: {outcome.error}",
-                            )
-
-    def delete_job(self, job: JobRecord) -> int:
-        """Delete the job's task results from the result backend."""
-        keys = [
-            self.backend.get_key_for_task(task_id(job.job_id, m, i))
-            for m in job.models
-            for i in range(job.n_chunks)
-        ]
-        deleted = 0
-        for start in range(0, len(keys), _MGET_BATCH):
-            deleted += int(self.jobs.client.delete(*keys[start : start + _MGET_BATCH]))
-        return deleted
-
-    def close(self) -> None:
-        """Nothing of its own to release (the Celery app owns the connections)."""
-
-
-# --- PostgreSQL ------------------------------------------------------------------------
 def _password(url: str) -> str | None:
     try:
         return urlsplit(url).password
@@ -467,23 +271,48 @@ class PostgresResultsStore:
             cols["error_code"].append(error["code"] if error else None)
             cols["error_message"].append(error["message"] if error else None)
         params = {"job": job_id, "model": model, **cols}
-        self._patiently(
-            lambda conn: conn.execute(_INSERT, params, prepare=True),
-            f"storing {len(records)} results of job {job_id} model {model}",
-        )
+        embedded = any("embedding" in r for r in records)
+
+        def write(conn: Any) -> None:
+            if embedded:  # the vectors first: a chunk counts as stored once its rows are in
+                from shared.vectors import VectorStoreError
+
+                try:
+                    self.vectors.write_records(job_id, model, first, records)
+                except VectorStoreError as exc:  # retried like the rows while the server is away
+                    raise ResultsStoreError(str(exc)) from exc.__cause__
+            conn.execute(_INSERT, params, prepare=True)
+
+        self._patiently(write, f"storing {len(records)} results of job {job_id} model {model}")
+
+    @property
+    def vectors(self) -> Any:
+        """The embedding models' vectors, in the same database (``shared.vectors``)."""
+        found = getattr(self, "_vectors", None)
+        if found is None:
+            from shared.vectors import VectorStore
+
+            found = self._vectors = VectorStore(self.url)
+        return found
 
     def iter_records(self, job: JobRecord) -> Iterator[ResultRecord]:
-        """The job's rows in position order, through a server-side cursor."""
+        """The job's rows in position order, through a server-side cursor; an embedding
+        model's rows with their vectors (``embedding``, ``dim``)."""
+        from shared.vectors import existing_sets, results_with_vectors_sql
+
         self.check()
         conn = self.connect()
         try:
+            sets = existing_sets(conn, job.job_id)
+            dims = {s.model: s.dim for s in sets}
+            select = results_with_vectors_sql("imgq_results", sets) if sets else _SELECT
             with conn.transaction(), conn.cursor(name=f"imgq_read_{job.job_id}") as cur:
                 cur.itersize = PG_FETCH_ROWS
-                cur.execute(_SELECT, (job.job_id,))
+                cur.execute(select, (job.job_id,))
                 job_id = job.job_id
                 while rows := cur.fetchmany(PG_FETCH_ROWS):
                     with gc_paused():
-                        batch = [_row_record(job_id, row) for row in rows]
+                        batch = [_row_record(job_id, row, dims) for row in rows]
                     yield from batch
         finally:
             conn.close()
@@ -503,9 +332,14 @@ class PostgresResultsStore:
         return self.delete_rows(job.job_id)
 
     def delete_rows(self, job_id: str) -> int:
-        """Delete every row of a job id (also one whose Redis records have expired)."""
+        """Delete every row of a job id (also one whose Redis records have expired), and
+        its vectors."""
+        from shared.vectors import existing_sets
+
         self.check()
         cur = self._conn().execute("DELETE FROM imgq_results WHERE job_id = %s", (job_id,))
+        if existing_sets(self._conn(), job_id):
+            self.vectors.delete_job(job_id)
         return int(cur.rowcount)
 
     def close(self) -> None:
@@ -513,13 +347,19 @@ class PostgresResultsStore:
         self._drop_conn()
 
 
-def _row_record(job_id: str, row: tuple[Any, ...]) -> ResultRecord:
-    _position, model, source, top5, code, message = row
+def _row_record(
+    job_id: str, row: tuple[Any, ...], dims: dict[str, int] | None = None
+) -> ResultRecord:
+    _position, model, source, top5, code, message, *vector = row
     error = f',"error":{{"code":{_js(code)},"message":{_js(message)}}}' if code else ""
+    # pgvector's text form of a vector is a JSON array.
+    embedding = (
+        f',"embedding":{vector[0]},"dim":{(dims or {})[model]}' if vector and vector[0] else ""
+    )
     # One JSON document per row, validated in one pass by pydantic-core.
     return _RECORD.validate_json(
         f'{{"job_id":{_js(job_id)},"image":{_js(source)},"model":{_js(model)},'
-        f'"top5":{top5}{error}}}'
+        f'"top5":{top5}{embedding}{error}}}'
     )
 
 
@@ -527,51 +367,3 @@ def _js(value: str) -> str:
     import json
 
     return json.dumps(value, ensure_ascii=False)
-
-
-# --- choosing one ----------------------------------------------------------------------
-def results_store_for(results_url: str, backend: Any, jobs: JobStore) -> ResultsStore:
-    """The store ``IMGQ_RESULTS_URL`` names; ResultsStoreError for anything else."""
-    value = results_url.strip()
-    if value.lower() in ("", "redis"):
-        return RedisResultsStore(backend, jobs)
-    scheme = value.split("://", 1)[0].lower() if "://" in value else ""
-    if scheme in ("postgresql", "postgres"):
-        try:
-            import psycopg  # noqa: F401
-        except ImportError:
-            raise ResultsStoreError(
-                "IMGQ_RESULTS_URL names PostgreSQL but psycopg is not installed: "
-                "pip install 'imgq[postgres]'"
-            ) from None
-        return PostgresResultsStore(value)
-    raise ResultsStoreError(
-        f"IMGQ_RESULTS_URL must be 'redis' or a postgresql:// URL, not {redact_url(value)!r}"
-    )
-
-
-def delete_job_records(jobs: JobStore, job: JobRecord) -> int:
-    """Delete a job's Redis records (job hash, chunks, finished tasks, delivery
-    bookkeeping); how many keys went."""
-    keys = [f"imgq:job:{job.job_id}{s}" for s in ("", ":chunks", ":done")]
-    for model in job.models:
-        for index in range(job.n_chunks):
-            keys.extend(attempt_keys(task_id(job.job_id, model, index)))
-    deleted = 0
-    for start in range(0, len(keys), _MGET_BATCH):
-        deleted += int(jobs.client.delete(*keys[start : start + _MGET_BATCH]))
-    # Out of the job listing (imgq jobs) and the sweep's open jobs, with its state.
-    pipe = jobs.client.pipeline(transaction=False)
-    pipe.zrem(JOB_INDEX_KEY, job.job_id)
-    pipe.zrem(OPEN_JOBS_KEY, job.job_id)
-    pipe.delete(f"imgq:sweep:{job.job_id}")
-    pipe.execute()
-    return deleted
-
-
-def failed_chunk_records(
-    job_id: str, model: str, refs: Sequence[ImageRef], reason: str
-) -> list[ResultDict]:
-    """``task_failed`` records for every image of a chunk that failed for good."""
-    message = f"the task failed after its retries: {reason}"
-    return [error_result(job_id, ref.src, model, ErrorCode.TASK_FAILED, message) for ref in refs]

@@ -3,7 +3,10 @@ all the tasks running in a worker and calls the model on up to ``max_batch_size`
 of them at once, as soon as it has that many or ``max_delay`` after the first.
 
 Tasks decode their images in other threads while the model runs, so the model
-never waits for input that is ready (Pillow and TensorFlow release the GIL).
+never waits for input that is ready (Pillow and TensorFlow release the GIL). Two
+threads per model: one gathers the next batch, stacks and pads it (uint8) and has
+the runtime stage it (on a GPU: the copy to the device), while the other runs the
+model on the current one; at most one staged batch waits between them.
 """
 
 from __future__ import annotations
@@ -20,17 +23,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from workers import metrics
-from workers.classifier import Classifier
+from workers.classifier import Classifier, Staged
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class TopK:
-    """One image's top-k: indices into the model output, activated scores, best first."""
+    """One image's top-k: indices into the model output, activated scores, best first;
+    for an embedding model, no top-k and the image's vector."""
 
     indices: tuple[int, ...]
     scores: tuple[float, ...]
+    vector: np.ndarray | None = None  # (dim,) float32, embedding models only
 
 
 @dataclass
@@ -70,6 +75,11 @@ class DynamicBatcher:
         self._queue: queue.Queue[_Item | None] = queue.Queue(
             maxsize=max_pending or 4 * self.max_batch_size
         )
+        # Staged batches waiting for the model: one, so that staging runs one batch
+        # ahead of the model and no further (device memory).
+        self._ready: queue.Queue[tuple[list[_Item], Staged | Exception] | None] = queue.Queue(
+            maxsize=1
+        )
         self._closed = False
         self.batches = 0
         self.images = 0
@@ -79,6 +89,10 @@ class DynamicBatcher:
         self._thread = threading.Thread(
             target=self._run, name=f"imgq-batcher-{classifier.spec.name}", daemon=True
         )
+        self._model_thread = threading.Thread(
+            target=self._run_model, name=f"imgq-model-{classifier.spec.name}", daemon=True
+        )
+        self._model_thread.start()
         self._thread.start()
 
     def submit(
@@ -86,8 +100,9 @@ class DynamicBatcher:
     ) -> list[Future[TopK]]:
         """Queue images for the model; one future per image.
 
-        ``skip`` is asked just before the model call that would take them: when
-        it says True, their futures fail with Skipped instead.
+        ``skip`` is asked just before the batch that would take them is staged
+        (one batch before its model call): when it says True, their futures fail
+        with Skipped instead.
         """
         if self._closed:
             raise BatcherClosed(f"the batcher of {self.classifier.spec.name!r} is closed")
@@ -113,7 +128,9 @@ class DynamicBatcher:
         """Finish what is queued, then stop the thread."""
         self._closed = True
         self._queue.put(None)
+        deadline = time.monotonic() + timeout
         self._thread.join(timeout)
+        self._model_thread.join(max(0.0, deadline - time.monotonic()))
         if self.batches:
             log.info(
                 "model %s: %d images in %d batches (mean %.1f), %.1f s in model calls; "
@@ -150,16 +167,33 @@ class DynamicBatcher:
         return items, stop
 
     def _run(self) -> None:
+        """Gather, stack, pad and stage batches for the model thread, one ahead."""
+        try:
+            while True:
+                first = self._queue.get()
+                if first is None:
+                    return
+                items, stop = self._gather(first)
+                items = self._without_skipped(items)
+                if items:
+                    staged: Staged | Exception
+                    try:
+                        staged = self.classifier.stage([it.image for it in items])
+                    except Exception as exc:  # the model thread sorts it out image by image
+                        staged = exc
+                    self._ready.put((items, staged))
+                if stop:
+                    return
+        finally:
+            self._ready.put(None)
+
+    def _run_model(self) -> None:
+        """Run the model on each staged batch, in order."""
         while True:
-            first = self._queue.get()
-            if first is None:
+            ready = self._ready.get()
+            if ready is None:
                 return
-            items, stop = self._gather(first)
-            items = self._without_skipped(items)
-            if items:
-                self._execute(items)
-            if stop:
-                return
+            self._execute(*ready)
 
     @staticmethod
     def _without_skipped(items: list[_Item]) -> list[_Item]:
@@ -177,10 +211,14 @@ class DynamicBatcher:
             keep.append(item)
         return keep
 
-    def _execute(self, items: list[_Item]) -> None:
+    def _execute(self, items: list[_Item], staged: Staged | Exception | None = None) -> None:
         start = time.perf_counter()
         try:
-            preds = self.classifier.predict([it.image for it in items])
+            if isinstance(staged, Exception):
+                raise staged
+            if staged is None:
+                staged = self.classifier.stage([it.image for it in items])
+            preds = self.classifier.run(staged)
         except Exception as exc:
             if self.metrics:
                 self.metrics.failures.inc()
@@ -204,5 +242,9 @@ class DynamicBatcher:
         self.batches += 1
         self.images += len(items)
         self.sizes[len(items)] += 1
+        if preds.vectors is not None:
+            for item, vector in zip(items, preds.vectors, strict=True):
+                item.future.set_result(TopK((), (), vector))
+            return
         for item, idx, sc in zip(items, preds.indices, preds.scores, strict=True):
             item.future.set_result(TopK(tuple(int(i) for i in idx), tuple(float(s) for s in sc)))

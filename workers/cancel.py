@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from typing import NoReturn
 
 import redis
@@ -25,16 +26,23 @@ log = logging.getLogger(__name__)
 # How stale the answer for images waiting in the batcher may be: the batcher asks
 # before every model call, and a Redis read per batch per job is enough.
 RECHECK_S = 0.2
+# How many cancelled jobs a worker remembers (the most recently asked about); a job
+# forgotten is read from Redis again, and still found cancelled.
+KEEP_CANCELLED = 10_000
 
 
 class CancelWatch:
     """Answers "is this job cancelled?" from Redis, remembering a "no" for a moment."""
 
-    def __init__(self, store: JobStore, *, recheck_s: float = RECHECK_S) -> None:
+    def __init__(
+        self, store: JobStore, *, recheck_s: float = RECHECK_S, keep: int = KEEP_CANCELLED
+    ) -> None:
         self.store = store
         self.recheck_s = recheck_s
+        self.keep = keep
         self._checked: dict[str, float] = {}  # job id -> when it was last seen not cancelled
-        self._cancelled: set[str] = set()
+        # Cancelled jobs, least recently asked about first; at most ``keep`` of them.
+        self._cancelled: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
 
     def is_cancelled(self, job_id: str, *, fresh: bool = False) -> bool:
@@ -43,8 +51,10 @@ class CancelWatch:
         An unreachable Redis counts as "not cancelled": the task's own Redis
         writes will wait for it anyway, and a cancel is never undone.
         """
-        if job_id in self._cancelled:
-            return True
+        with self._lock:
+            if job_id in self._cancelled:
+                self._cancelled.move_to_end(job_id)
+                return True
         now = time.monotonic()
         if not fresh and now - self._checked.get(job_id, -1e9) < self.recheck_s:
             return False
@@ -55,7 +65,10 @@ class CancelWatch:
             return False
         with self._lock:
             if cancelled:
-                self._cancelled.add(job_id)
+                self._cancelled[job_id] = None
+                self._cancelled.move_to_end(job_id)
+                while len(self._cancelled) > self.keep:
+                    self._cancelled.popitem(last=False)
                 self._checked.pop(job_id, None)
             else:
                 if len(self._checked) > 10_000:  # old jobs: forget them

@@ -14,20 +14,25 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import bootsteps
 from celery.signals import task_received
 
+from shared.celery_app import job_store_for
 from shared.liveness import (
     BROKER_ERRORS,
     BrokerRedis,
     Liveness,
     Reclaimer,
+    alive_key,
     host_info,
     new_worker_id,
 )
+from shared.notify import resume_due
 from shared.settings import Settings
+from workers.store_health import store_gate, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -113,19 +118,38 @@ class Heartbeat:
         if stale:
             liveness.release(self.worker_id, stale)
 
-    def beat(self, tags: list[str] | None = None) -> None:
+    def beat(self, tags: list[str] | None = None) -> bool:
         """Renew the heartbeat and the claims (all held, or just ``tags``); forget
-        deliveries no longer held."""
+        deliveries no longer held. False when Redis refused the writes (full): only
+        the heartbeat's expiry was renewed, and the worker is paused."""
         with self._lock:
             if tags is None:
                 tags = list(self._held)
             self._new.clear()
-        gone = Liveness(self.broker.client, timeout=self.settings.heartbeat_timeout).beat(
-            self.worker_id, self.info, tags
-        )
+        info = {**self.info, "store_unavailable": store_gate().describe()}
+        try:
+            gone = Liveness(self.broker.client, timeout=self.settings.heartbeat_timeout).beat(
+                self.worker_id, info, tags
+            )
+        except BROKER_ERRORS as exc:
+            refused = unavailable(exc)
+            if refused is None or refused[1].startswith("Redis unreachable"):
+                raise
+            # Redis refuses writes (full): pause consuming, since every message
+            # taken now would be lost between the queue and the unacknowledged
+            # set. The worker stays alive meanwhile: renewing the expiry of the
+            # heartbeat key takes no memory, so Redis allows it, and the tasks
+            # the worker holds are not handed to another worker to compute again.
+            store_gate().down("redis", "heartbeat", refused[1])
+            self.broker.client.pexpire(
+                alive_key(self.worker_id), int(self.settings.heartbeat_timeout * 1000)
+            )
+            return False
+        store_gate().up("redis", "heartbeat")
         if gone:
             with self._lock:
                 self._held.difference_update(gone)
+        return True
 
     def _run(self) -> None:
         interval = self.settings.heartbeat_interval
@@ -146,7 +170,8 @@ class Heartbeat:
                     time.sleep(CLAIM_BATCH_S)
                     continue
                 next_beat = time.monotonic() + interval
-                self.beat()
+                if not self.beat():
+                    continue  # Redis refuses writes: nothing else to do until it takes them
                 self._beats += 1
                 if self._beats % AUDIT_EVERY == 0:
                     self.audit()
@@ -167,18 +192,25 @@ class Heartbeat:
         from workers.sweep import sweep
 
         broker = BrokerRedis(self.app)
-        failing = False
-        while not self._stop.wait(SWEEP_EVERY_S):
+        failing = {"sweep": False, "callbacks": False}
+
+        def attempt(what: str, step: Callable[[], object]) -> None:
+            # Each step on its own: a sweep that fails must not hold up the callbacks.
             try:
-                sweep(self.app, broker, self.settings, by=self.worker_id)
-                failing = False
+                step()
+                failing[what] = False
             except BROKER_ERRORS as exc:
-                if not failing:
-                    log.warning("sweep: Redis unreachable (%s); retrying", exc)
-                failing = True
+                if not failing[what]:
+                    log.warning("%s: Redis unreachable (%s); retrying", what, exc)
+                failing[what] = True
                 broker.close()
             except Exception:
-                log.exception("sweep: unexpected error; carrying on")
+                log.exception("%s: unexpected error; carrying on", what)
+
+        while not self._stop.wait(SWEEP_EVERY_S):
+            attempt("sweep", lambda: sweep(self.app, broker, self.settings, by=self.worker_id))
+            # Completion callbacks that nobody is sending (their sender died or stopped).
+            attempt("callbacks", lambda: resume_due(job_store_for(self.app), self.settings))
         broker.close()
 
     def stop(self) -> None:
@@ -198,6 +230,23 @@ class Heartbeat:
 
 
 _heartbeat: Heartbeat | None = None
+
+
+def current_worker_id() -> str | None:
+    """This process's worker id (None before its heartbeat starts)."""
+    hb = _heartbeat
+    return hb.worker_id if hb is not None else None
+
+
+def is_alive(worker_id: str) -> bool | None:
+    """Whether a worker's heartbeat is current; None when Redis cannot say."""
+    hb = _heartbeat
+    if hb is None:
+        return None
+    try:
+        return bool(hb.broker.client.exists(alive_key(worker_id)))
+    except BROKER_ERRORS:
+        return None
 
 
 def start_heartbeat(

@@ -6,7 +6,8 @@ containers set 0.0.0.0). While off, nothing is recorded: the hooks are a ``None`
 
 Queue lengths come from ``imgq metrics`` (Redis), task events from Flower; these
 come from inside the worker: batch fill, time waiting for a batch, model time,
-decode time, per-image errors by code, redeliveries, device memory.
+decode time, per-image errors by code, redeliveries and duplicate deliveries, whether
+a store refuses writes, device memory.
 """
 
 from __future__ import annotations
@@ -74,6 +75,27 @@ REDELIVERED = Counter(
     "Tasks delivered again after a worker died with them (images then run one by one)",
     ["model"],
 )
+DUPLICATES = Counter(
+    "imgq_worker_tasks_duplicate",
+    "Deliveries of a task already finished: acknowledged without running the model",
+    ["model"],
+)
+STORE_UNAVAILABLE = Gauge(
+    "imgq_store_unavailable",
+    "1 while this worker cannot write to a store (Redis full or away, PostgreSQL down "
+    "or full): it takes no new task until writes succeed again",
+    ["store"],
+)
+CACHE_HITS = Counter(
+    "imgq_worker_cache_hits",
+    "Images whose result came from the result cache (not decoded, no model call)",
+    ["model"],
+)
+CACHE_MISSES = Counter(
+    "imgq_worker_cache_misses",
+    "Images looked up in the result cache and not found (then computed and stored)",
+    ["model"],
+)
 WARMUP_SECONDS = Gauge(
     "imgq_worker_warmup_seconds", "Time spent tracing every fixed batch size at start", ["model"]
 )
@@ -90,6 +112,8 @@ class ModelMetrics:
     wait_seconds: Histogram
     model_seconds: Histogram
     decode_seconds: Histogram
+    cache_hits: Counter
+    cache_misses: Counter
 
     def record_batch(self, size: int, waited: float, seconds: float) -> None:
         """Count one successful model call on ``size`` images."""
@@ -107,6 +131,7 @@ def enable() -> None:
     """Record metrics from now on (the server, or a benchmark, reads them)."""
     global _enabled
     _enabled = True
+    STORE_UNAVAILABLE.labels("redis").set(0.0)  # a series from the start, for alerts
 
 
 @cache
@@ -114,6 +139,7 @@ def _children(model: str) -> ModelMetrics:
     # Series at zero from the start, so that rate() and the dashboard see them
     # before the first error or redelivery.
     REDELIVERED.labels(model)
+    DUPLICATES.labels(model)
     for code in ErrorCode:
         IMAGE_ERRORS.labels(model, code.value)
     return ModelMetrics(
@@ -124,6 +150,8 @@ def _children(model: str) -> ModelMetrics:
         wait_seconds=QUEUE_WAIT.labels(model),
         model_seconds=MODEL_SECONDS.labels(model),
         decode_seconds=DECODE_SECONDS.labels(model),
+        cache_hits=CACHE_HITS.labels(model),
+        cache_misses=CACHE_MISSES.labels(model),
     )
 
 
@@ -144,6 +172,18 @@ def record_task(model: str, records: Iterable[Mapping[str, object]], *, redelive
         REDELIVERED.labels(model).inc()
 
 
+def record_duplicate(model: str) -> None:
+    """Count a delivery of a finished task, skipped without a model call."""
+    if _enabled:
+        DUPLICATES.labels(model).inc()
+
+
+def record_store_unavailable(store: str, unavailable: bool) -> None:
+    """Publish whether ``store`` ("redis", "postgresql") refuses this worker's writes."""
+    if _enabled:
+        STORE_UNAVAILABLE.labels(store).set(1.0 if unavailable else 0.0)
+
+
 def record_warmup(model: str, seconds: float) -> None:
     """Publish how long a model's warm-up took."""
     if _enabled:
@@ -151,10 +191,15 @@ def record_warmup(model: str, seconds: float) -> None:
 
 
 class DeviceMemoryCollector(Collector):
-    """Device memory TensorFlow reports (GPUs), read at each scrape; nothing on a CPU host."""
+    """Device memory TensorFlow reports (GPUs), read at each scrape; nothing on a CPU host.
 
-    def __init__(self, devices: Iterable[str]) -> None:
+    Labelled with the host's name of each GPU (its index or UUID), not TensorFlow's
+    "GPU:0", which is whichever GPU the process was given.
+    """
+
+    def __init__(self, devices: Iterable[str], labels: Iterable[str] | None = None) -> None:
         self.devices = list(devices)
+        self.labels = list(labels) if labels is not None else list(self.devices)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """Current and peak bytes allocated by TensorFlow per device."""
@@ -164,16 +209,17 @@ class DeviceMemoryCollector(Collector):
 
         family = GaugeMetricFamily(
             "imgq_worker_device_memory_bytes",
-            "Device memory TensorFlow holds (kind=current) and its peak (kind=peak)",
+            "Device memory TensorFlow holds (kind=current) and its peak (kind=peak); "
+            "device: the host's GPU index or UUID",
             labels=["device", "kind"],
         )
-        for device in self.devices:
+        for device, label in zip(self.devices, self.labels, strict=True):
             try:
                 info = tf.config.experimental.get_memory_info(device)
             except (ValueError, RuntimeError):  # not reported for this device
                 continue
-            family.add_metric([device, "current"], float(info["current"]))
-            family.add_metric([device, "peak"], float(info["peak"]))
+            family.add_metric([label, "current"], float(info["current"]))
+            family.add_metric([label, "peak"], float(info["peak"]))
         yield family
 
 
@@ -184,11 +230,12 @@ def serve(addr: str, port: int) -> None:
     log.info("worker metrics on http://%s:%d/metrics", addr, port)
 
 
-def watch_devices(gpus: Iterable[str]) -> None:
-    """Export the memory of these devices (names like /physical_device:GPU:0)."""
+def watch_devices(gpus: Iterable[str], labels: Iterable[str]) -> None:
+    """Export the memory of these devices (names like /physical_device:GPU:0), labelled
+    with the host's names of them (``workers.gpu.physical_labels``)."""
     if not _enabled:
         return
     # get_memory_info takes logical names ("GPU:0").
     names = [name.split("physical_device:")[-1] for name in gpus]
     if names:
-        REGISTRY.register(DeviceMemoryCollector(names))
+        REGISTRY.register(DeviceMemoryCollector(names, labels))

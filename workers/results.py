@@ -17,7 +17,13 @@ from typing import Any
 from celery.signals import celeryd_after_setup
 
 from shared.contract import ResultDict
-from shared.results_store import ResultsStore, ResultsStoreError, results_store_for
+from shared.jobs import JobStore
+from shared.results_store import (
+    PostgresResultsStore,
+    ResultsStore,
+    ResultsStoreError,
+    results_store_for,
+)
 from shared.settings import get_settings
 from workers.app import app, job_store
 
@@ -26,18 +32,22 @@ log = logging.getLogger(__name__)
 
 @lru_cache(maxsize=1)
 def results_store() -> ResultsStore:
-    """This worker's results store (``IMGQ_RESULTS_URL``)."""
-    return results_store_for(get_settings().results_url, app.backend, job_store())
+    """This worker's results store (``IMGQ_RESULTS_URL``).
+
+    A PostgreSQL write that fails is not retried inside the store: the task's own
+    wait (``workers.store_health``) retries it, with the worker paused meanwhile."""
+    store = results_store_for(get_settings().results_url, app.backend, job_store())
+    if isinstance(store, PostgresResultsStore):
+        store.patience_s = 0.0
+    return store
 
 
-@lru_cache(maxsize=256)
-def _chunk_size(job_id: str) -> int:
-    return job_store().get(job_id).chunk_size
+def first_position(job_id: str, chunk: int, jobs: JobStore | None = None) -> int:
+    """The job position of a chunk's first image (chunks are all ``chunk_size`` long).
 
-
-def first_position(job_id: str, chunk: int) -> int:
-    """The job position of a chunk's first image (chunks are all ``chunk_size`` long)."""
-    return chunk * _chunk_size(job_id)
+    Read from the job record every time, not remembered: a job id deleted
+    (``imgq delete``) and submitted again can come back with another chunk size."""
+    return chunk * (jobs or job_store()).get(job_id).chunk_size
 
 
 def store_records(job_id: str, model: str, chunk: int, records: Sequence[ResultDict]) -> Any:

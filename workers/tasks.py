@@ -4,13 +4,14 @@ the job's bookkeeping. The logic lives in ``workers.runtime``."""
 from __future__ import annotations
 
 import logging
-import time
+import os
+import socket
 from collections.abc import Callable
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any, TypeVar
 
-import redis
-from celery import Task
+from celery import Task, states
+from celery.exceptions import Ignore
 
 from shared.celery_app import CLASSIFY_TASK, attempt_store_for
 from shared.contract import ClassifyMessage, ResultDict, error_result, parse_task_id
@@ -21,16 +22,16 @@ from workers import metrics
 from workers.app import app, job_store
 from workers.batcher import Skipped
 from workers.cancel import CancelWatch, drop_task
+from workers.liveness import current_worker_id, is_alive
 from workers.results import counts, results_store, store_records
 from workers.state import get_runtime
+from workers.store_health import store_gate, unavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Process deaths with the same image in flight after which that image is skipped.
 STRIKES_TO_SKIP = 2
-# How long bookkeeping writes keep trying while Redis is away (a restart).
-REDIS_PATIENCE_S = 120.0
 
 
 class InvalidTask(ValueError):
@@ -50,22 +51,10 @@ def cancel_watch() -> CancelWatch:
 
 
 def patiently(action: Callable[[], T], what: str) -> T:
-    """Run a Redis write, retrying with backoff for a while if Redis is unreachable."""
-    delay = 0.1
-    deadline = time.monotonic() + REDIS_PATIENCE_S
-    while True:
-        try:
-            return action()
-        except (
-            redis.exceptions.ConnectionError,
-            redis.exceptions.TimeoutError,
-            redis.exceptions.BusyLoadingError,
-        ) as exc:
-            if time.monotonic() > deadline:
-                raise
-            log.warning("%s: Redis unreachable (%s); retrying in %.1f s", what, exc, delay)
-            time.sleep(delay)
-            delay = min(5.0, delay * 2)
+    """Run a write; while its store refuses it (Redis full or away, PostgreSQL down or
+    full) the worker pauses and tries again until it goes through
+    (``workers.store_health``): a store failure is never an image failure."""
+    return store_gate().write(action, what)
 
 
 def parse_message(job_id: Any, model: Any, chunk: Any, images: Any = None) -> ClassifyMessage:
@@ -80,18 +69,35 @@ class ClassifyTask(Task):
     """Records each finished chunk in the job's bookkeeping, after its result is stored."""
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
-        """Count the chunk's results (runs after the result backend has them)."""
+        """Count the chunk's results (runs after the results store has them; waits
+        while Redis refuses the write, so a stored chunk is always counted)."""
         ok, failed = counts(retval)
         patiently(
             lambda: job_store().mark_finished(task_id, ok=ok, failed=failed),
             f"recording task {task_id}",
         )
         _notify_if_ended(task_id)
+        if results_store().kind == "postgresql":  # vectors live there only
+            from shared.settings import get_settings
+            from workers.indexing import index_if_ended
+
+            index_if_ended(job_store(), get_runtime(), get_settings().results_url, task_id)
 
     def on_failure(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
     ) -> None:
-        """A chunk that failed for good counts all its images as failed."""
+        """A chunk that failed for good counts all its images as failed; a chunk whose
+        failure was a store refusing writes is not (nothing is known of its images):
+        it is left for the sweep to send again."""
+        refused = unavailable(exc)
+        if refused is not None:
+            log.error(
+                "task %s not run to its end: %s; its images get no record now, and the "
+                "sweep sends it again once the job stalls",
+                task_id,
+                refused[1],
+            )
+            return
         try:
             job_id, _, index = parse_task_id(task_id)
             n = len(job_store().chunk(job_id, index))
@@ -132,13 +138,17 @@ def _notify_if_ended(tid: str) -> None:
     # Unexpected errors (per-image ones become error records) are retried with
     # exponential backoff, a bounded number of times; then the chunk fails as a
     # whole and its images get task_failed records. A malformed message is not
-    # retried.
+    # retried. A store that refuses writes is no such error: the task waits for it
+    # (patiently), its results kept in memory.
     autoretry_for=(Exception,),
     dont_autoretry_for=(InvalidTask,),
     retry_backoff=2,
     retry_backoff_max=60,
     retry_jitter=True,
     max_retries=3,
+    # The task stores its own result (store_result), so that a refused write waits
+    # instead of failing the task; STARTED is written by it too, best effort.
+    track_started=False,
 )
 def classify(
     self: Task, job_id: str, model: str, chunk: int, images: list[str | list[str]] | None = None
@@ -153,13 +163,26 @@ def classify(
     watch = cancel_watch()
     if watch.is_cancelled(message.job_id, fresh=True):
         drop_task(self, message.job_id)
-    refs = list(message.images) if message.images is not None else _chunk_images(self, message)
     tid = self.request.id
+    # A duplicate delivery (a frozen worker, a broker reconnect, a failover, two
+    # sweeps) of a task already finished: its result is stored and counted.
+    if _finished(tid):
+        log.info("task %s has already finished: this delivery is acknowledged, not run", tid)
+        metrics.record_duplicate(model)
+        raise Ignore()
+    _mark_started(self)
+    refs = list(message.images) if message.images is not None else _chunk_images(self, message)
     runtime = get_runtime()
-    deliveries = patiently(lambda: attempt_store().begin(tid), f"counting task {tid}")
-    # Deliveries beyond the retries Celery made are redeliveries after a worker
-    # process died with this task: isolate the images one by one.
+    me = current_worker_id()
+    deliveries, before = patiently(
+        lambda: attempt_store().begin_held(tid, me or "?"), f"counting task {tid}"
+    )
+    # A delivery after one whose worker process died with this task (deliveries
+    # beyond the retries Celery made, the worker of the one before dead): isolate
+    # the images one by one. A duplicate while that worker lives is no crash.
     crashes = deliveries - 1 - (self.request.retries or 0)
+    if crashes > 0 and before is not None and (before == me or is_alive(before) is True):
+        crashes = 0
     if crashes <= 0:
         try:
             records = runtime.classify(job_id, model, refs, skip=lambda: watch.is_cancelled(job_id))
@@ -177,7 +200,42 @@ def classify(
         sum(1 for r in records if r.get("error")),
         f" (delivery {deliveries}, images one by one)" if crashes > 0 else "",
     )
-    return store_records(job_id, model, chunk, records)
+    return _store(self, job_id, model, chunk, records)
+
+
+def _finished(tid: str) -> bool:
+    """True when the task is recorded as finished; False when Redis cannot say."""
+    try:
+        return job_store().is_finished(tid)
+    except Exception as exc:
+        log.warning("task %s: cannot read whether it has finished (%s); running it", tid, exc)
+        return False
+
+
+def _mark_started(task: Task) -> None:
+    """STARTED in the result backend, for monitors (best effort: the task runs anyway)."""
+    tid = task.request.id
+    meta = {"pid": os.getpid(), "hostname": task.request.hostname or socket.gethostname()}
+    try:
+        task.backend.store_result(tid, meta, states.STARTED, request=task.request)
+    except Exception as exc:
+        log.debug("task %s: could not record it as started (%s)", tid, exc)
+
+
+def _store(task: Task, job_id: str, model: str, chunk: int, records: list[ResultDict]) -> Any:
+    """Store the chunk's records and the task's result, waiting (paused) while a store
+    refuses the writes; what the task returns. The result is written here, not by
+    Celery after the task returns, so that a refused write cannot fail the task."""
+    tid = task.request.id
+    retval = patiently(
+        lambda: store_records(job_id, model, chunk, records), f"storing the results of {tid}"
+    )
+    patiently(
+        lambda: task.backend.store_result(tid, retval, states.SUCCESS, request=task.request),
+        f"storing the result of {tid}",
+    )
+    task.request.ignore_result = True  # stored: Celery does not write it again
+    return retval
 
 
 def _chunk_images(task: Task, message: ClassifyMessage) -> list[ImageRef]:
@@ -230,7 +288,10 @@ def _classify_isolated(
     for i, ref in enumerate(refs):
         record = done.get(i)
         if record is None:
-            if i == crashed and store.strike(tid, i) >= STRIKES_TO_SKIP:
+            strikes = 0
+            if i == crashed:
+                strikes = patiently(partial(store.strike, tid, i), f"counting a crash of {tid}")
+            if strikes >= STRIKES_TO_SKIP:
                 log.error(
                     "task %s: %s was being classified when a worker died, twice; skipped",
                     tid,
@@ -245,8 +306,8 @@ def _classify_isolated(
                     "again so that the job can finish (see the worker logs)",
                 )
             else:
-                store.set_inflight(tid, i)
+                patiently(partial(store.set_inflight, tid, i), f"recording the image of {tid}")
                 record = runtime_classify(job_id, model, [ref])[0]
-            store.save_partial(tid, i, record)
+            patiently(partial(store.save_partial, tid, i, record), f"keeping a record of {tid}")
         records.append(record)
     return records

@@ -33,10 +33,10 @@ def fetch_url(url: str, limits: ReadLimits, client: httpx.Client | None) -> byte
         with httpx.Client(follow_redirects=False) as own:
             return _fetch_guarded(url, limits, own, deadline, cancel)
 
-    return _run_until(fetch, deadline, cancel, limits.fetch_timeout)
+    return run_until(fetch, deadline, cancel, limits.fetch_timeout)
 
 
-def _run_until(fn: Callable[[], T], deadline: float, cancel: threading.Event, limit: float) -> T:
+def run_until(fn: Callable[[], T], deadline: float, cancel: threading.Event, limit: float) -> T:
     """Run fn in a helper thread; give up with FETCH_TIMEOUT at the deadline."""
     future: Future[T] = Future()
 
@@ -52,11 +52,11 @@ def _run_until(fn: Callable[[], T], deadline: float, cancel: threading.Event, li
     wait([future], timeout=max(0.0, deadline - time.monotonic()))
     if not future.done():
         cancel.set()  # the helper stops at its next chunk; its sockets time out on their own
-        raise _timeout(limit)
+        raise fetch_timeout(limit)
     return future.result()
 
 
-def _timeout(limit: float) -> ImageError:
+def fetch_timeout(limit: float) -> ImageError:
     """FETCH_TIMEOUT naming the limit and its setting."""
     return ImageError(
         ErrorCode.FETCH_TIMEOUT,
@@ -74,7 +74,7 @@ def _fetch_guarded(
     except ImageError:
         raise
     except httpx.TimeoutException as exc:
-        raise _timeout(limits.fetch_timeout) from exc
+        raise fetch_timeout(limits.fetch_timeout) from exc
     except httpx.InvalidURL as exc:
         raise ImageError(ErrorCode.UNSUPPORTED_SOURCE, f"not a valid URL: {exc}") from exc
     except httpx.ConnectError as exc:
@@ -168,7 +168,7 @@ def _remaining(deadline: float, limit: float) -> float:
     """Seconds left before the deadline; FETCH_TIMEOUT when none."""
     remaining = deadline - time.monotonic()
     if remaining <= 0:
-        raise _timeout(limit)
+        raise fetch_timeout(limit)
     return remaining
 
 
@@ -210,7 +210,7 @@ def _read_body(
                 f"the download is over {human_size(limits.max_bytes)}", limits.max_bytes
             )
         if cancel.is_set() or time.monotonic() > deadline:
-            raise _timeout(limits.fetch_timeout)
+            raise fetch_timeout(limits.fetch_timeout)
     if not body:
         raise ImageError(ErrorCode.EMPTY_FILE, "the server returned an empty body")
     return bytes(body)

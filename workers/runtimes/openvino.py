@@ -10,6 +10,9 @@ one conversion serves fp32 and bf16, and OpenVINO's own cache of compiled models
 (``compiled/`` beside it, keyed by OpenVINO on the model and the precision) makes
 that step quick at the next start too.
 
+The converted model takes uint8 images: the cast to float32 and the scaling to
+[0, 1] are the first ops of its graph, as in the TensorFlow runtime.
+
 A batch is split across OpenVINO's parallel inference requests (its THROUGHPUT
 mode runs one stream per group of cores), and the top-k is taken in NumPy.
 """
@@ -29,14 +32,26 @@ import numpy as np
 
 from shared.modes import Precision
 from shared.registry import ModelSpec
-from workers.runtimes.base import ConversionError, ModelLoadError, top_k
-from workers.runtimes.tensorflow import load_savedmodel, resolve_callable, single_output
+from workers.runtimes.base import (
+    SCALE,
+    ConversionError,
+    ModelLoadError,
+    check_uint8,
+    pooled,
+    top_k,
+)
+from workers.runtimes.tensorflow import (
+    DEFAULT_HUB_CACHE_DIR,
+    load_savedmodel,
+    resolve_callable,
+    single_output,
+)
 
 log = logging.getLogger(__name__)
 
 # OpenVINO's names for the precisions it runs on the CPU.
 INFERENCE_PRECISION = {Precision.FP32: "f32", Precision.BF16: "bf16"}
-CACHE_FORMAT = 1  # bump when what is cached changes
+CACHE_FORMAT = 2  # bump when what is cached changes (2: uint8 input)
 
 
 def import_openvino() -> Any:
@@ -80,6 +95,7 @@ class OpenVINOBackend:
         precision: Precision,
         max_batch_size: int,
         cache_dir: Path,
+        hub_cache_dir: Path = DEFAULT_HUB_CACHE_DIR,
     ) -> None:
         if precision not in INFERENCE_PRECISION:
             raise ValueError(f"OpenVINO runs fp32 or bf16 on the CPU, not {precision}")
@@ -88,6 +104,7 @@ class OpenVINOBackend:
         self.precision: Precision = precision
         self.max_batch_size = max_batch_size
         self.cache_dir = cache_dir.expanduser()
+        self.hub_cache_dir = hub_cache_dir
         self.from_cache = False
         self._requests: list[Any] = []
         self._lock = threading.Lock()
@@ -132,14 +149,15 @@ class OpenVINOBackend:
         """The SavedModel (loaded with TensorFlow) as an OpenVINO model, batch 1..max."""
         import tensorflow as tf
 
-        obj = load_savedmodel(self.spec)
+        obj = load_savedmodel(self.spec, self.hub_cache_dir)
         call = resolve_callable(obj)
         height, width = self.spec.input_size
 
-        def forward(images: tf.Tensor) -> tf.Tensor:
+        def forward(pixels: tf.Tensor) -> tf.Tensor:
+            images = tf.cast(pixels, tf.float32) / SCALE
             return tf.cast(single_output(call(images)), tf.float32)
 
-        spec = tf.TensorSpec([None, height, width, 3], tf.float32)
+        spec = tf.TensorSpec([None, height, width, 3], tf.uint8)
         # The converter sets the root logger to ERROR (and leaves it so when it
         # fails), which would silence the worker's own log: put it back afterwards.
         root = logging.getLogger()
@@ -200,6 +218,15 @@ class OpenVINOBackend:
             raise error
         return np.concatenate(outputs)
 
-    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-        """Top-k of a batch of up to the maximum batch size."""
-        return top_k(self.logits(batch), self.top_k, self.spec.activation)
+    def stage(self, batch: np.ndarray) -> np.ndarray:
+        """The uint8 batch itself: OpenVINO reads it where it is (the CPU)."""
+        return check_uint8(batch)
+
+    def __call__(self, batch: object) -> tuple[np.ndarray, np.ndarray, int]:
+        """Top-k of a uint8 batch of up to the maximum batch size (an embedding model:
+        its vectors)."""
+        assert isinstance(batch, np.ndarray)
+        outputs = self.logits(check_uint8(batch))
+        if self.spec.is_embedding:
+            return pooled(outputs)
+        return top_k(outputs, self.top_k, self.spec.activation)

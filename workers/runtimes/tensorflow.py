@@ -6,6 +6,10 @@ bf16 (CPU) and fp16 (GPU) are TensorFlow's own graph rewrites of the float32 gra
 SavedModel works. They are set per model, not per process: TensorFlow reads the
 graph options of a function call from a thread-local setting at call time, so each
 call is made under its model's options.
+
+The model takes uint8 images; the cast to float32 and the scaling to [0, 1] are the
+first ops of its graph. On a GPU, ``stage`` copies a batch to the device, so the
+batcher copies the next batch while the current one runs.
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from shared.modes import Precision
 from shared.registry import Activation, ModelSpec
-from workers.runtimes.base import ModelLoadError
+from workers.runtimes.base import SCALE, ModelLoadError, check_uint8
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +37,14 @@ REWRITES = {
 }
 
 
-def load_savedmodel(spec: ModelSpec) -> Any:
-    """The SavedModel of a local directory or a TF Hub / Kaggle handle."""
+# Where TF Hub and Kaggle handles are downloaded when nothing else is said
+# (the settings' default for TFHUB_CACHE_DIR).
+DEFAULT_HUB_CACHE_DIR = Path("~/.cache/imgq/tfhub").expanduser()
+
+
+def load_savedmodel(spec: ModelSpec, hub_cache_dir: Path) -> Any:
+    """The SavedModel of a local directory or a TF Hub / Kaggle handle (downloaded once
+    into ``hub_cache_dir``)."""
     import tensorflow as tf
 
     handle = spec.handle
@@ -43,7 +54,11 @@ def load_savedmodel(spec: ModelSpec) -> Any:
         return tf.saved_model.load(handle)
     import tensorflow_hub as hub
 
-    # hub.load resolves TF Hub and Kaggle URLs through TFHUB_CACHE_DIR.
+    # tensorflow_hub takes its cache folder from nowhere but the TFHUB_CACHE_DIR
+    # variable (or an absl flag), so it is set here, just before the one call that
+    # reads it. The folder comes from the settings, which read a TFHUB_CACHE_DIR the
+    # user set, so this only ever writes back the user's own choice or the default.
+    os.environ["TFHUB_CACHE_DIR"] = str(hub_cache_dir)
     return hub.load(handle)
 
 
@@ -64,6 +79,16 @@ def single_output(out: Any) -> Any:
             raise ModelLoadError(f"the model returns several outputs: {sorted(out)}")
         out = next(iter(out.values()))
     return out
+
+
+def pooled_vectors(out: Any) -> Any:
+    """An embedding model's output as float32 vectors ``(n, D)``: its one output, with a
+    pooled ``(n, 1, 1, D)`` flattened (what a worker records, and what an exported head
+    is applied to)."""
+    import tensorflow as tf
+
+    out = tf.cast(single_output(out), tf.float32)
+    return tf.reshape(out, [tf.shape(out)[0], -1])
 
 
 def call_options(precision: Precision) -> Any:
@@ -110,6 +135,7 @@ class TensorFlowBackend:
         top_k: int,
         precision: Precision = Precision.FP32,
         jit_compile: bool = False,
+        hub_cache_dir: Path = DEFAULT_HUB_CACHE_DIR,
     ) -> None:
         if precision is Precision.AUTO:
             raise ValueError("resolve precision 'auto' before loading (workers.hardware)")
@@ -117,23 +143,28 @@ class TensorFlowBackend:
         self.top_k = top_k
         self.precision: Precision = precision
         self.jit_compile = jit_compile
+        self.hub_cache_dir = hub_cache_dir
         self._fn: Any = None
         self._obj: Any = None
         self._compiled: dict[int, Any] = {}
         self._lock = threading.Lock()
         self._options: Any = None
+        self.device: str | None = None  # "/GPU:0" when TensorFlow sees a GPU: staged there
 
     def load(self) -> TensorFlowBackend:
-        """Load the SavedModel and build the top-k function around it."""
+        """Load the SavedModel and build the top-k function around it (an embedding
+        model: the function returning its pooled vectors)."""
         import tensorflow as tf
 
-        obj = load_savedmodel(self.spec)
+        obj = load_savedmodel(self.spec, self.hub_cache_dir)
         call = resolve_callable(obj)
         self._obj = obj  # keep the SavedModel's variables alive
         activation = self.spec.activation
         top_k = self.top_k
 
-        def infer(images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        def infer(pixels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+            # uint8 in: the cast and scaling happen here, on the model's device.
+            images = tf.cast(pixels, tf.float32) / SCALE
             logits = tf.cast(single_output(call(images)), tf.float32)
             width = tf.shape(logits)[-1]
             # Rank on the raw outputs, then activate only the top k: both
@@ -149,8 +180,15 @@ class TensorFlowBackend:
                 scores = top.values
             return top.indices, scores, width
 
-        self._fn = infer
+        def embed(pixels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+            images = tf.cast(pixels, tf.float32) / SCALE  # uint8 in, as for ``infer``
+            vectors = pooled_vectors(call(images))
+            n = tf.shape(vectors)[0]
+            return vectors, tf.zeros([n, 0], tf.float32), tf.shape(vectors)[-1]
+
+        self._fn = embed if self.spec.is_embedding else infer
         self._options = call_options(self.precision)
+        self.device = "/GPU:0" if tf.config.list_logical_devices("GPU") else None
         return self
 
     def _compiled_for(self, batch: int) -> Any:
@@ -162,7 +200,7 @@ class TensorFlowBackend:
                 fn = self._compiled.get(batch)
                 if fn is None:
                     height, width = self.spec.input_size
-                    spec = tf.TensorSpec([batch, height, width, 3], tf.float32)
+                    spec = tf.TensorSpec([batch, height, width, 3], tf.uint8)
                     fn = tf.function(
                         self._fn, input_signature=[spec], jit_compile=self.jit_compile or None
                     )
@@ -186,9 +224,38 @@ class TensorFlowBackend:
             self.jit_compile = False
             self._compiled.clear()
 
-    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-        """Top-k of a batch whose size is one of the fixed sizes (traced once each)."""
-        fn = self._compiled_for(batch.shape[0])
+    def stage(self, batch: np.ndarray) -> Any:
+        """The uint8 batch as a tensor on the model's device (a host-to-GPU copy on a GPU
+        host, made in the caller's thread; on a CPU, the array wrapped)."""
+        import tensorflow as tf
+
+        check_uint8(batch)
+        if self.device is None:
+            return tf.convert_to_tensor(batch)
+        with tf.device(self.device):
+            return tf.identity(tf.convert_to_tensor(batch))
+
+    def __call__(self, batch: Any) -> tuple[np.ndarray, np.ndarray, int]:
+        """Top-k of a staged batch (or a uint8 array) whose size is one of the fixed sizes
+        (traced once each)."""
+        if isinstance(batch, np.ndarray):
+            batch = self.stage(batch)
+        fn = self._compiled_for(int(batch.shape[0]))
         with _options_in_effect(self._options):
             indices, scores, width = fn(batch)
         return indices.numpy(), scores.numpy(), int(width)
+
+    def seconds_per_call(self, batch: np.ndarray, *, fp32: bool = False) -> float:
+        """Seconds of one call on this batch after a first, untimed one; ``fp32``: without
+        the precision's graph rewrite (the same function, the default options), which is
+        how a warm-up shows whether the rewrite changed anything."""
+        import time
+
+        staged = self.stage(batch)
+        fn = self._compiled_for(int(staged.shape[0]))
+        options = None if fp32 else self._options
+        with _options_in_effect(options):
+            fn(staged)[0].numpy()
+            start = time.perf_counter()
+            fn(staged)[0].numpy()
+        return time.perf_counter() - start

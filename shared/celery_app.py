@@ -29,36 +29,54 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "accept_content": ["json"],
         "result_accept_content": ["json"],
         # Acknowledge a task after it ran, not when it was received, so a task
-        # whose worker dies is delivered again instead of being lost; a worker
-        # lost mid-task (SIGKILL, OOM) requeues it rather than failing it.
+        # whose worker dies stays in Redis as unacknowledged instead of being lost:
+        # the workers' heartbeats (shared/liveness.py) put it back on its queue once
+        # its worker's heartbeat has expired. A worker lost mid-task (SIGKILL, OOM)
+        # requeues it rather than failing it.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         # Tasks are long (a model call on a whole chunk): take one at a time per
         # pool slot, so idle workers, not busy ones, get the next chunk.
         "worker_prefetch_multiplier": 1,
-        # Redis redelivers a task that was taken but not acknowledged after this
-        # long; it must exceed the longest task (see docs/operations.md).
+        # A dead worker's tasks come back through the heartbeats, within seconds
+        # (shared/liveness.py). The visibility timeout is the backstop behind them:
+        # kombu redelivers a task taken but not acknowledged after this long even
+        # when no live worker or producer recovered it; it must exceed the longest
+        # task, or a slow task runs twice (see docs/operations.md).
         "broker_transport_options": {
             "visibility_timeout": settings.visibility_timeout,
-            # Look for abandoned (unacknowledged, timed out) messages every few
-            # seconds rather than every 100: a dead worker's tasks come back
-            # within about visibility_timeout + this interval.
+            # Look for messages past the visibility timeout every few seconds
+            # rather than every 100, so the backstop acts within about
+            # visibility_timeout + this interval.
             "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 10)),
             "unacked_restore_throttle": 1,
+            # A bounded connect: after a Sentinel failover the dead master's
+            # address fails in seconds, not the operating system's minutes, and the
+            # next try asks the sentinels again (kombu gives the sentinels the same
+            # timeout). Reads stay unbounded: a worker's BRPOP waits on purpose.
+            "socket_connect_timeout": settings.redis_connect_timeout,
             **_sentinel_options(settings.broker_url, settings),
             # A Redis list per job priority level (shared/priority.py): a worker
             # takes the next task of the most urgent job waiting for its models.
             "priority_steps": PRIORITY_STEPS,
         },
-        "result_backend_transport_options": _sentinel_options(settings.backend_url, settings),
+        "result_backend_transport_options": _sentinel_options(
+            settings.backend_url, settings, sentinel_kwargs=True
+        ),
+        # The job records, the heartbeats' claims and the results live on this
+        # connection: the same bounded connect as the broker's.
+        "redis_socket_connect_timeout": settings.redis_connect_timeout,
         # Result writes retry through a Redis restart (about a minute at most).
         "result_backend_always_retry": True,
         "result_backend_max_retries": 20,
         "result_backend_base_sleep_between_retries_ms": 50,
         "result_backend_max_sleep_between_retries_ms": 5000,
         # On a lost broker connection, running tasks finish (threads cannot be
-        # cancelled); their acknowledgement is lost with the connection, so Redis
-        # delivers them again after the visibility timeout, and the rerun writes
+        # cancelled); their acknowledgement is lost with the connection. The worker
+        # drops its claims on them when it reconnects (workers/liveness.py), so they
+        # are put back on their queues like a dead worker's, after the heartbeat
+        # timeout; a rerun of a task that had finished is acknowledged without
+        # running (its id is in the job's done hash), and one that had not writes
         # the same result under the same task id.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "broker_connection_retry_on_startup": True,
@@ -82,13 +100,22 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _sentinel_options(url: str, settings: Settings) -> dict[str, Any]:
-    """Transport options a ``sentinel://`` URL needs (the master's name); none otherwise."""
+def _sentinel_options(
+    url: str, settings: Settings, *, sentinel_kwargs: bool = False
+) -> dict[str, Any]:
+    """Transport options a ``sentinel://`` URL needs (the master's name); none otherwise.
+
+    ``sentinel_kwargs``: also the connect timeout for the sentinels themselves (Celery's
+    result backend gives them none of its own options; kombu gives them its own).
+    """
     if not url.startswith("sentinel"):
         return {}
     # Sentinels are asked for the current master on every (re)connection, so a
     # failover moves workers and producers to the promoted replica.
-    return {"master_name": settings.sentinel_master}
+    options: dict[str, Any] = {"master_name": settings.sentinel_master}
+    if sentinel_kwargs:
+        options["sentinel_kwargs"] = {"socket_connect_timeout": settings.redis_connect_timeout}
+    return options
 
 
 def create_app(settings: Settings | None = None, *, include: list[str] | None = None) -> Celery:

@@ -27,7 +27,7 @@ and dump back to the same JSON, so the two cannot drift.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -132,12 +132,19 @@ class ErrorDict(TypedDict):
 
 
 class ResultDict(TypedDict):
-    """One result record on the wire (``shared.schemas.ResultRecord``); keys in this order."""
+    """One result record on the wire (``shared.schemas.ResultRecord``); keys in this order.
+
+    A classifier's record has ``top5``; an embedding model's has ``embedding`` (the
+    pooled vector, float32 values as floats) and ``dim`` in its place. A failed
+    image's record is the same for both: ``top5`` empty and ``error``.
+    """
 
     job_id: str
     image: str
     model: str
-    top5: list[PredictionDict]
+    top5: NotRequired[list[PredictionDict]]
+    embedding: NotRequired[list[float]]
+    dim: NotRequired[int]
     error: ErrorDict | None
 
 
@@ -159,6 +166,19 @@ def ok_result(
             {"index": k, "label": labels[k], "score": s}
             for k, s in zip(indices, scores, strict=True)
         ],
+        "error": None,
+    }
+
+
+def embedding_result(job_id: str, image: str, model: str, vector: Any) -> ResultDict:
+    """The record of an embedded image: its vector (a float32 array or sequence)."""
+    values = vector.tolist() if hasattr(vector, "tolist") else [float(v) for v in vector]
+    return {
+        "job_id": job_id,
+        "image": image,
+        "model": model,
+        "embedding": values,
+        "dim": len(values),
         "error": None,
     }
 

@@ -3,29 +3,37 @@
 A cancelled job keeps a ``cancelled`` field (its time) in its record. Workers read
 it before anything else when a task of the job starts (``JobStore.is_cancelled``),
 and between batches while one runs, so none of its tasks starts once it is set;
-``cancel_job`` also takes the job's waiting messages off the model queues. Results
+``cancel_job`` also takes the job's waiting messages off the model queues (on the
+broker's Redis, which may be another server than the job records'). Results
 of the tasks that finished stay; the images never classified are counted (the
 job's ``pending``), they get no records.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from shared.jobs import JOB_INDEX_KEY, JobError, JobStatus, JobStore
+import redis
+
+from shared import keys
+from shared.jobs import JOB_INDEX_KEY, CallbackStatus, JobError, JobRecord, JobStatus, JobStore
+from shared.kombu_redis import purge_task_prefix
+from shared.notify import callback_status
 from shared.priority import queue_lists
-from shared.registry import queue_for
 
 MAX_NAME_LENGTH = 200
 
 
 class JobState(StrEnum):
-    """Where a job is: nothing done yet, some done, all done, or cancelled."""
+    """Where a job is: its sources still being listed, nothing done yet, some done, all
+    done, or cancelled."""
 
+    LISTING = "listing"  # its sources are still being listed: its totals grow
     QUEUED = "queued"  # no image result yet
     RUNNING = "running"  # some image results, not all
     FINISHED = "finished"  # every task finished (results or errors for every image)
@@ -49,6 +57,8 @@ def state_of(status: JobStatus) -> JobState:
     """The state of a job from its status."""
     if status.cancelled:
         return JobState.CANCELLED
+    if status.job.listing:
+        return JobState.LISTING
     if status.finished:
         return JobState.FINISHED
     if status.images_finished == 0:
@@ -70,6 +80,7 @@ class JobSummary:
     done: int
     failed: int
     pending: int  # for a cancelled job: never classified (or still in a model)
+    callback: CallbackStatus | None = None  # with a notify URL: where its callback is
 
     @classmethod
     def of(cls, status: JobStatus) -> JobSummary:
@@ -88,6 +99,7 @@ class JobSummary:
             done=done,
             failed=failed,
             pending=status.images_total - done - failed,
+            callback=status.callback,
         )
 
     def as_dict(self, now: float | None = None) -> dict[str, Any]:
@@ -104,6 +116,7 @@ class JobSummary:
             "done": self.done,
             "failed": self.failed,
             "pending": self.pending,
+            "callback": None if self.callback is None else self.callback.as_dict(),
         }
 
 
@@ -135,6 +148,9 @@ def list_jobs(
     for status in iter_jobs(store):
         summary = JobSummary.of(status)
         if states is None or summary.state in states:
+            if status.job.notify:
+                callback = callback_status(store, status.job)
+                summary = dataclasses.replace(summary, callback=callback)
             out.append(summary)
             if len(out) >= limit:
                 break
@@ -157,49 +173,28 @@ if redis.call('HEXISTS', KEYS[1], 'n_chunks') == 0 then return -1 end
 return redis.call('HSETNX', KEYS[1], 'cancelled', ARGV[1])
 """
 
-# Takes a cancelled job's messages out of the oldest ``ARGV[1]`` messages of a list
-# (one priority level of a queue) and puts the others back at the other end, in
-# their order. Called once per slice until the whole list has gone round, so Redis
-# is never busy for long (a slice of 1,000 messages takes milliseconds) and the list
-# is in its original order again at the end; meanwhile, tasks that were behind the
-# slices already moved can be taken first. Messages missed (taken by a worker during
-# the purge) are dropped by the workers. A message's headers hold its task id as
-# "id": "<job>.<model>.<chunk>"; JSON escapes quotes inside strings, so that text
-# cannot come from a job name or a path.
-_PURGE_SLICE = """
-local items = redis.call('LRANGE', KEYS[1], -tonumber(ARGV[1]), -1)
-if #items == 0 then return 0 end
-redis.call('LTRIM', KEYS[1], 0, -#items - 1)
-local keep = {}
-local n = 0
-for i = #items, 1, -1 do
-  if string.find(items[i], ARGV[2], 1, true) then n = n + 1 else keep[#keep + 1] = items[i] end
-end
-if #keep > 0 then redis.call('LPUSH', KEYS[1], unpack(keep)) end
-return n
-"""
-PURGE_SLICE = 1000
+# Messages per script call when a cancelled job's messages leave a queue: Redis is
+# never busy for long (about 20 ms when every message is the job's and is parsed),
+# and the list is back in its order at the end (``shared.kombu_redis``).
+PURGE_SLICE = 250
 
 
-def purge_queued(store: JobStore, job_id: str, models: tuple[str, ...]) -> int:
-    """Take the job's waiting tasks off its models' queues; how many were removed."""
-    marker = f'"id": "{job_id}.'
-    keys = [key for model in models for key in queue_lists(queue_for(model))]
-    pipe = store.client.pipeline(transaction=False)
-    for key in keys:
-        pipe.llen(key)
-    lengths = pipe.execute()
-    removed = 0
-    for key, length in zip(keys, lengths, strict=True):
-        for _ in range(-(-int(length) // PURGE_SLICE)):  # every message once round
-            removed += int(store.client.eval(_PURGE_SLICE, 1, key, PURGE_SLICE, marker))
-    return removed
+def purge_queued(broker: redis.Redis, record: JobRecord) -> int:
+    """Take the job's waiting tasks off its models' queues, through a client on the
+    broker's Redis; how many were removed. Messages missed (taken by a worker during
+    the purge) are dropped by the workers."""
+    job_id = record.job_id
+    queues = sorted({record.queue_of(model) for model in record.models})
+    lists = [key for queue in queues for key in queue_lists(queue)]
+    # Task ids are <job>.<model>.<chunk>, and a job id has no '.'.
+    return purge_task_prefix(broker, lists, f"{job_id}.", slice_=PURGE_SLICE)
 
 
-def cancel_job(store: JobStore, job_id: str) -> CancelOutcome:
+def cancel_job(store: JobStore, broker: redis.Redis, job_id: str) -> CancelOutcome:
     """Cancel a job: no worker starts its tasks from now on, its waiting tasks leave
-    the queues, and whoever waits for it is told. JobError when it is unknown,
-    JobFinishedError when it has finished."""
+    the queues, and whoever waits for it is told. ``broker`` is a client on the
+    broker's Redis (the queues), ``store`` the job records. JobError when the job is
+    unknown, JobFinishedError when it has finished."""
     status = store.status(job_id)  # JobError when unknown or expired
     if status.cancelled:
         return CancelOutcome(removed_tasks=0, status=status, already=True)
@@ -208,10 +203,10 @@ def cancel_job(store: JobStore, job_id: str) -> CancelOutcome:
             f"job {job_id} has already finished: nothing to cancel "
             f"({status.images_finished} image results)"
         )
-    marked = int(store.client.eval(_MARK, 1, store._key(job_id), repr(time.time())))
+    marked = int(store.client.eval(_MARK, 1, keys.job(job_id), repr(time.time())))
     if marked < 0:
         store.get(job_id)  # expired in between: its JobError
-    removed = purge_queued(store, job_id, status.job.models)
+    removed = purge_queued(broker, status.job)
     # Wake waiters (imgq wait, Job.wait) so they report the cancel at once.
-    store.client.publish(store._key(job_id, ":progress"), "cancelled")
+    store.client.publish(keys.job_progress(job_id), "cancelled")
     return CancelOutcome(removed_tasks=removed, status=store.status(job_id), already=marked == 0)

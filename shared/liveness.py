@@ -14,11 +14,16 @@ cannot tell a dead worker from a slow one. imgq tells them apart:
 A delivery whose worker has no heartbeat any more (or one that nobody recorded, a
 grace period after it was delivered: the worker died between taking it and saying
 so) is put back on its queue at once, by the same steps kombu's own restore takes,
-in a transaction watching ``unacked``: a worker that acknowledges it at the same
-moment, or kombu's restore, or another reclaimer, makes the transaction start over
-and find nothing left to do. A worker that was only frozen and comes back runs
-nothing twice into the results: task ids are fixed, so a rerun overwrites its own
-result and its own progress field.
+with a compare-and-swap (``shared.kombu_redis.restore_delivery``): it moves only if
+its ``unacked`` entry is still the one read, so a worker that acknowledges it at the
+same moment, kombu's restore or another reclaimer leaves nothing to move, and no
+other delivery or ack in the fleet gets in the way. A worker that was only frozen
+and comes back runs nothing twice into the results: task ids are fixed, so a rerun
+overwrites its own result and its own progress field.
+
+Each heartbeat also moves the delivery time of the deliveries its worker holds to
+now in ``unacked_index``, so kombu's visibility-timeout restore, which reads that
+time, never hands a task of a live worker to another however long it runs.
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import socket
 import time
 import uuid
@@ -37,7 +41,13 @@ from typing import Any
 import redis
 from kombu.exceptions import OperationalError
 
-from shared.broker_keys import UNACKED_INDEX_KEY, UNACKED_KEY
+from shared import keys
+from shared.kombu_redis import (
+    UNACKED_INDEX_KEY,
+    UNACKED_KEY,
+    restore_delivery,
+    task_id_of_unacked,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +58,17 @@ BROKER_ERRORS: tuple[type[Exception], ...] = (
     OperationalError,
 )
 
-WORKERS_KEY = "imgq:workers"
-HELD_KEY = "imgq:held"
-RECOVERED_KEY = "imgq:stats:tasks_recovered"
-RESENT_KEY = "imgq:stats:tasks_resent"  # by the sweep for lost tasks (workers.sweep)
-RECOVERIES_KEY = "imgq:recoveries"
-RECLAIM_LOCK_KEY = "imgq:lock:reclaim"
+WORKERS_KEY = keys.WORKERS
+HELD_KEY = keys.HELD
+RECOVERED_KEY = keys.TASKS_RECOVERED
+RESENT_KEY = keys.TASKS_RESENT  # by the sweep for lost tasks (workers.sweep)
+RECOVERIES_KEY = keys.RECOVERIES
+RECLAIM_LOCK_KEY = keys.RECLAIM_LOCK
 KEEP_RECOVERIES = 100
 # How long a dead worker stays in the listing after its tasks were recovered.
 KEEP_DEAD_S = 24 * 3600
 
-_TASK_ID_RE = re.compile(rb'"correlation_id": "([^"]+)"')
-
-
-def alive_key(worker_id: str) -> str:
-    """The key whose existence says that a worker is alive."""
-    return f"imgq:worker:{worker_id}:alive"
+alive_key = keys.worker_alive
 
 
 def new_worker_id(name: str) -> str:
@@ -71,28 +76,30 @@ def new_worker_id(name: str) -> str:
     return f"{name}/{os.getpid()}/{uuid.uuid4().hex[:6]}"
 
 
-def task_id_of(raw_message: bytes) -> str | None:
-    """The task id in a kombu message as stored by the Redis transport (without parsing it)."""
-    match = _TASK_ID_RE.search(raw_message)
-    return match.group(1).decode() if match else None
-
-
 # Renew the heartbeat, and claim each delivery this worker holds that is still
-# unacknowledged and claimed by nobody; return the tags that are no longer
-# unacknowledged (acknowledged, or put back), so the worker can forget them.
+# unacknowledged and claimed by nobody, keeping its delivery time in
+# ``unacked_index`` at now (ZADD XX: never re-adding an acknowledged one), so
+# kombu's visibility-timeout restore leaves it alone; return the tags that are no
+# longer unacknowledged (acknowledged, or put back), so the worker can forget them.
+# KEYS: alive, held, unacked, workers, unacked_index. ARGV: worker id, timeout in
+# ms, listing payload, now (seconds), the alive-key prefix and suffix, tags.
 _BEAT = """
 redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
 redis.call('HSET', KEYS[4], ARGV[1], ARGV[3])
 local gone = {}
-for i = 4, #ARGV do
+for i = 7, #ARGV do
   local tag = ARGV[i]
   if redis.call('HEXISTS', KEYS[3], tag) == 1 then
     -- A claim by another live worker stands (it got the delivery again after
     -- this one was frozen); a claim by a dead one is stale.
     local owner = redis.call('HGET', KEYS[2], tag)
     if (not owner) or (owner ~= ARGV[1] and
-        redis.call('EXISTS', 'imgq:worker:' .. owner .. ':alive') == 0) then
+        redis.call('EXISTS', ARGV[5] .. owner .. ARGV[6]) == 0) then
       redis.call('HSET', KEYS[2], tag, ARGV[1])
+      owner = ARGV[1]
+    end
+    if owner == ARGV[1] then
+      redis.call('ZADD', KEYS[5], 'XX', ARGV[4], tag)
     end
   else
     if redis.call('HGET', KEYS[2], tag) == ARGV[1] then
@@ -170,8 +177,16 @@ class Liveness:
         """Renew a worker's heartbeat and claims; the tags no longer unacknowledged."""
         payload = json.dumps({**info, "seen": time.time()})
         gone = self._beat(
-            keys=[alive_key(worker_id), HELD_KEY, UNACKED_KEY, WORKERS_KEY],
-            args=[worker_id, int(self.timeout * 1000), payload, *tags],
+            keys=[alive_key(worker_id), HELD_KEY, UNACKED_KEY, WORKERS_KEY, UNACKED_INDEX_KEY],
+            args=[
+                worker_id,
+                int(self.timeout * 1000),
+                payload,
+                repr(time.time()),  # kombu compares index times with its own time()
+                keys.WORKER_ALIVE_PREFIX,
+                keys.WORKER_ALIVE_SUFFIX,
+                *tags,
+            ],
         )
         return [t.decode() if isinstance(t, bytes) else str(t) for t in gone]
 
@@ -265,31 +280,17 @@ def _redis_time(client: redis.Redis) -> float:
 
 def restore(channel: Any, client: redis.Redis, tag: str) -> str | None:
     """Put one unacknowledged delivery back on its queue, as kombu does after the
-    visibility timeout; its task id, or None when it was no longer unacknowledged.
+    visibility timeout, with its claim; its task id (``"?"`` when it has none), or
+    None when it was no longer unacknowledged.
 
-    The transaction watches ``unacked``: an ack, kombu's own restore or another
-    reclaimer in between makes it start over, and then it finds nothing to move,
-    so a delivery is put back at most once.
+    A compare-and-swap on its ``unacked`` entry (``shared.kombu_redis``): an ack,
+    kombu's own restore or another reclaimer in between leaves nothing to move, so
+    a delivery is put back at most once.
     """
-    restored: list[str | None] = [None]
-
-    def move(pipe: Any) -> None:
-        raw = pipe.hget(UNACKED_KEY, tag)
-        pipe.multi()
-        pipe.zrem(UNACKED_INDEX_KEY, tag)
-        pipe.hdel(UNACKED_KEY, tag)
-        # The claim goes with it: whoever receives the message next claims it.
-        pipe.hdel(HELD_KEY, tag)
-        restored[0] = None
-        if raw:
-            message, exchange, routing_key = json.loads(raw)
-            # kombu's restore step: marks the message redelivered and pushes it
-            # to the consuming end of its queue (priority queues included).
-            channel._do_restore_message(message, exchange, routing_key, pipe, False)
-            restored[0] = task_id_of(raw if isinstance(raw, bytes) else raw.encode()) or "?"
-
-    client.transaction(move, UNACKED_KEY)
-    return restored[0]
+    moved = restore_delivery(channel, client, tag, forget=[HELD_KEY])
+    if moved is None:
+        return None
+    return task_id_of_unacked(moved) or "?"
 
 
 class BrokerRedis:
@@ -401,4 +402,6 @@ def host_info(name: str, models: Iterable[str], queues: Iterable[str]) -> dict[s
         "models": list(models),
         "queues": list(queues),
         "started": time.time(),
+        # Why the worker takes no task now (a store refuses its writes), or None.
+        "store_unavailable": None,
     }

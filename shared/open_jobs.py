@@ -2,7 +2,7 @@
 
 ``imgq:jobs:open`` is a sorted set (job id -> time submitted) next to the job
 records. A producer adds a job when it submits it; the sweep removes it once it is
-finished, expired or no longer wanted.
+finished, expired or no longer wanted, and ``JobStore.delete`` when it is deleted.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ import time
 
 import redis
 
-OPEN_JOBS_KEY = "imgq:jobs:open"
+from shared import keys
+
+OPEN_JOBS_KEY = keys.OPEN_JOBS
 
 
 def track(client: redis.Redis, job_id: str) -> None:

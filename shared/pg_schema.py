@@ -13,6 +13,7 @@ newer than it knows refuses to write into it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 SCHEMA_VERSION = 1
@@ -49,13 +50,51 @@ class SchemaError(RuntimeError):
     """The database holds a results schema this imgq cannot use."""
 
 
-def current_version(conn: Any) -> int:
-    """The schema version in the database, 0 when there are no imgq tables yet."""
-    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (VERSION_TABLE,)).fetchone()
+def table_version(conn: Any, version_table: str) -> int:
+    """The version kept in ``version_table``, 0 when the table does not exist yet."""
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (version_table,)).fetchone()
     if not row or not row[0]:
         return 0
-    version = conn.execute(f"SELECT max(version) FROM {VERSION_TABLE}").fetchone()
+    version = conn.execute(f"SELECT max(version) FROM {version_table}").fetchone()
     return int(version[0] or 0) if version else 0
+
+
+def migrate(
+    conn: Any,
+    *,
+    version_table: str,
+    lock_key: int,
+    migrations: dict[int, tuple[str, ...]],
+    target: int,
+    refuse: Callable[[int], None],
+    before: Callable[[Any], object] | None = None,
+) -> int:
+    """Bring a versioned set of tables to ``target`` in one transaction under an
+    advisory lock (workers starting together migrate once); the version found.
+
+    ``refuse`` raises for a version newer than ``target``; ``before`` runs first, under
+    the lock (creating an extension, say). ``migrations[v]`` takes version v - 1 to v.
+    """
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key,))
+        if before is not None:
+            before(conn)
+        found = table_version(conn, version_table)
+        if found > target:
+            refuse(found)
+        if found == 0:
+            conn.execute(f"CREATE TABLE IF NOT EXISTS {version_table} (version integer NOT NULL)")
+        for version in range(found + 1, target + 1):
+            for statement in migrations[version]:
+                conn.execute(statement)
+            conn.execute(f"DELETE FROM {version_table}")
+            conn.execute(f"INSERT INTO {version_table} (version) VALUES (%s)", (version,))
+    return found
+
+
+def current_version(conn: Any) -> int:
+    """The results schema's version in the database, 0 when there are no imgq tables yet."""
+    return table_version(conn, VERSION_TABLE)
 
 
 def check_version(version: int) -> None:
@@ -72,15 +111,11 @@ def ensure_schema(conn: Any) -> int:
 
     ``conn`` is a psycopg connection; the work is one transaction.
     """
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-        found = current_version(conn)
-        check_version(found)
-        if found == 0:
-            conn.execute(f"CREATE TABLE IF NOT EXISTS {VERSION_TABLE} (version integer NOT NULL)")
-        for version in range(found + 1, SCHEMA_VERSION + 1):
-            for statement in MIGRATIONS[version]:
-                conn.execute(statement)
-            conn.execute(f"DELETE FROM {VERSION_TABLE}")
-            conn.execute(f"INSERT INTO {VERSION_TABLE} (version) VALUES (%s)", (version,))
-    return found
+    return migrate(
+        conn,
+        version_table=VERSION_TABLE,
+        lock_key=_LOCK_KEY,
+        migrations=MIGRATIONS,
+        target=SCHEMA_VERSION,
+        refuse=check_version,
+    )

@@ -2,15 +2,15 @@
 
 imgq counts like RabbitMQ and most job systems (9 is the most urgent). Celery's
 Redis transport counts the other way round: it keeps one Redis list per priority
-step of a queue (``imgq.<model>`` for 0, ``imgq.<model>\\x06\\x16<n>`` for n) and a
-worker's BRPOP names them lowest number first, so the lowest number is served
-first. imgq sends ``9 - priority``; with ten steps every level has its own list.
+step of a queue (their names: ``shared.kombu_redis``) and a worker's BRPOP names
+them lowest number first, so the lowest number is served first. imgq sends
+``9 - priority``; with ten steps every level has its own list.
 Why this and not a queue per level: docs/benchmarks.md (job control).
 """
 
 from __future__ import annotations
 
-from shared.broker_keys import PRIORITY_SEPARATOR
+from shared.kombu_redis import priority_lists
 
 MIN_PRIORITY = 0
 MAX_PRIORITY = 9
@@ -39,4 +39,4 @@ def transport_priority(priority: int) -> int:
 
 def queue_lists(queue: str) -> list[str]:
     """The Redis lists that hold a queue's waiting messages, most urgent first."""
-    return [queue if step == 0 else f"{queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS]
+    return priority_lists(queue, PRIORITY_STEPS)

@@ -1,7 +1,9 @@
 """The model registry: plain data records, built-ins plus a user's TOML file.
 
 Code never branches on a model's name; everything a worker needs to know about a
-model (where to load it, its input size, its activation, its labels) is here.
+model (where to load it, its kind, its input size, its activation, its labels) is
+here. A model is a *classifier* (top-5 labels) or an *embedding* model (the
+network's pooled pre-logit vector, for search and near-duplicates; no labels).
 """
 
 from __future__ import annotations
@@ -32,19 +34,27 @@ class Activation(StrEnum):
     NONE = "none"  # the model already outputs probabilities
 
 
+class ModelKind(StrEnum):
+    """What a model's records carry."""
+
+    CLASSIFICATION = "classification"  # top-5 classes and scores
+    EMBEDDING = "embedding"  # the pooled feature vector ("embedding", "dim")
+
+
 class RegistryError(ValueError):
     """The registry or a user's models file is invalid."""
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One model: a TF Hub handle or SavedModel path, its input size, activation and labels."""
+    """One model: a TF Hub handle or SavedModel path, its kind, input size, activation
+    and labels (classifiers; an embedding model has none and no activation)."""
 
     name: str
     handle: str
     input_size: tuple[int, int]  # (height, width)
     activation: Activation
-    labels: str  # a built-in label set name, or a path to a text file
+    labels: str  # a built-in label set name, or a path to a text file ("" for embeddings)
     labels_base_dir: Path | None = None  # resolves a relative labels path (the TOML's folder)
     description: str = ""
     batch_size: int | None = None  # overrides IMGQ_BATCH_SIZE for this model
@@ -52,6 +62,15 @@ class ModelSpec:
     precision: Precision | None = None  # overrides IMGQ_PRECISION
     runtime: RuntimeKind | None = None  # overrides IMGQ_RUNTIME
     decode: DecodeMode | None = None  # overrides IMGQ_DECODE
+    kind: ModelKind = ModelKind.CLASSIFICATION
+    # A built-in model's own batch size where IMGQ_BATCH_SIZE (or --batch-size) is not
+    # set: below the models file's batch_size and an explicit setting, above the default.
+    default_batch_size: int | None = None
+
+    @property
+    def is_embedding(self) -> bool:
+        """True for a model whose records carry a vector instead of top-5."""
+        return self.kind is ModelKind.EMBEDDING
 
     @property
     def queue(self) -> str:
@@ -87,6 +106,27 @@ BUILTIN_MODELS: dict[str, ModelSpec] = {
         activation=Activation.SIGMOID,
         labels="imagenet21k",
         description="BiT-M R152x4, ImageNet-21k; 21,843 multi-label logits (sigmoid).",
+        # 936M parameters: 16 images keep a GPU busy in about 6-7 GB at 224 px
+        # (docs/deployment.md#first-gpu-host), and a CPU batch stays seconds long.
+        default_batch_size=16,
+    ),
+    "resnet50_features": ModelSpec(
+        name="resnet50_features",
+        handle="https://tfhub.dev/tensorflow/resnet_50/feature_vector/1",
+        input_size=(224, 224),
+        activation=Activation.NONE,
+        labels="",
+        kind=ModelKind.EMBEDDING,
+        description="ResNet-50 v1.5 feature vector (ImageNet-1k): 2,048-d pooled features.",
+    ),
+    "bit_m_r152x4_features": ModelSpec(
+        name="bit_m_r152x4_features",
+        handle="https://tfhub.dev/google/bit/m-r152x4/1",
+        input_size=(224, 224),
+        activation=Activation.NONE,
+        labels="",
+        kind=ModelKind.EMBEDDING,
+        description="BiT-M R152x4 feature vector (ImageNet-21k): 8,192-d pooled features.",
     ),
 }
 
@@ -103,6 +143,7 @@ class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     handle: _NonEmpty | None = None
+    kind: ModelKind | None = None
     input_size: _Side | tuple[_Side, _Side] | None = None
     activation: Activation | None = None
     labels: _NonEmpty | None = None
@@ -133,6 +174,7 @@ class ModelsFile(BaseModel):
 # What each key must be, for the one-line error about a models file.
 _EXPECTED = {
     "handle": "handle must be a non-empty string",
+    "kind": f"kind must be one of {[k.value for k in ModelKind]}",
     "input_size": "input_size must be an integer or [height, width], each in 8..4096",
     "activation": f"activation must be one of {[a.value for a in Activation]}",
     "labels": "labels must be a label set name or a path",
@@ -177,18 +219,29 @@ def _apply(name: str, entry: ModelEntry, base: ModelSpec | None, base_dir: Path)
         raise RegistryError(
             f"model name {name!r} must be lower-case letters, digits and underscores"
         )
+    kind = entry.kind or (base.kind if base else ModelKind.CLASSIFICATION)
     if base is None:
-        missing = {"handle", "labels"} - entry.model_fields_set
+        # An embedding model has no labels: only its handle is required.
+        required = {"handle"} if kind is ModelKind.EMBEDDING else {"handle", "labels"}
+        missing = required - entry.model_fields_set
         if missing:
             raise RegistryError(f"model {name!r}: missing required keys {sorted(missing)}")
+    if kind is ModelKind.EMBEDDING and entry.labels is not None:
+        raise RegistryError(f"model {name!r}: an embedding model has no labels")
     spec = base or ModelSpec(
         name=name,
         handle="",
         input_size=(224, 224),
-        activation=Activation.SOFTMAX,
+        activation=Activation.NONE if kind is ModelKind.EMBEDDING else Activation.SOFTMAX,
         labels="",
     )
-    changes: dict[str, Any] = {}
+    changes: dict[str, Any] = {"kind": kind}
+    if kind is not spec.kind:
+        # A classifier made an embedding model drops its labels and activation.
+        if kind is ModelKind.EMBEDDING:
+            changes.update(labels="", labels_base_dir=None, activation=Activation.NONE)
+        elif entry.labels is None:
+            raise RegistryError(f"model {name!r}: a classifier needs labels")
     if entry.handle is not None:
         handle = entry.handle
         if "://" not in handle and not Path(handle).is_absolute():

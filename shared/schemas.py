@@ -29,10 +29,14 @@ class ErrorCode(StrEnum):
     TRUNCATED = "truncated"  # a known format, but the data ends early or is corrupt
     TOO_LARGE = "too_large"  # file/download over IMGQ_MAX_IMAGE_BYTES
     DECOMPRESSION_BOMB = "decompression_bomb"  # pixels over IMGQ_MAX_IMAGE_PIXELS
-    UNSUPPORTED_SOURCE = "unsupported_source"  # a scheme imgq cannot read (ftp://, s3:// ...)
+    UNSUPPORTED_SOURCE = "unsupported_source"  # a scheme imgq cannot read (ftp://, data: ...)
     URL_REFUSED = "url_refused"  # a URL to a private/loopback/link-local address
     FETCH_FAILED = "fetch_failed"  # HTTP error status, connection refused, DNS failure
     FETCH_TIMEOUT = "fetch_timeout"  # the server did not answer in IMGQ_FETCH_TIMEOUT
+    NO_SUCH_KEY = "no_such_key"  # s3://: the bucket has no object with that key
+    NO_SUCH_BUCKET = "no_such_bucket"  # s3://: the bucket does not exist
+    ACCESS_DENIED = "access_denied"  # s3://: the credentials may not read it, or are wrong
+    THROTTLED = "throttled"  # s3://: 503 SlowDown on every one of IMGQ_S3_MAX_ATTEMPTS tries
     DECODE_FAILED = "decode_failed"  # any other decoder failure
     INFERENCE_FAILED = "inference_failed"  # the model failed on this image alone
     TASK_FAILED = "task_failed"  # the whole task failed after its retries
@@ -46,7 +50,9 @@ class ImageRef(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     src: str = Field(description="The source exactly as the user gave it (kept in results).")
-    ref: str = Field(description="What the worker reads: an absolute path or an http(s) URL.")
+    ref: str = Field(
+        description="What the worker reads: an absolute path, an http(s) or an s3:// URL."
+    )
 
 
 class ErrorInfo(BaseModel):
@@ -69,7 +75,8 @@ class Prediction(BaseModel):
 
 
 class ResultRecord(BaseModel):
-    """One record per image and model."""
+    """One record per image and model: a classifier's ``top5``, or an embedding
+    model's ``embedding`` and ``dim`` in its place; ``error`` when the image failed."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -77,16 +84,26 @@ class ResultRecord(BaseModel):
     image: str
     model: str
     top5: list[Prediction] = Field(default_factory=list)
+    embedding: list[float] | None = None
+    dim: int | None = None
     error: ErrorInfo | None = None
 
     @property
     def ok(self) -> bool:
-        """True when the image was classified."""
+        """True when the image was classified (or embedded)."""
         return self.error is None
 
+    @property
+    def is_embedding(self) -> bool:
+        """True for an embedded image's record (its vector in place of top-5)."""
+        return self.embedding is not None
+
     def to_json_dict(self) -> dict[str, Any]:
-        """The record as plain JSON types (enum codes as strings)."""
-        return self.model_dump(mode="json")
+        """The record as plain JSON types (enum codes as strings): ``top5`` for a
+        classifier, ``embedding`` and ``dim`` in its place for an embedding model."""
+        if self.embedding is None:
+            return self.model_dump(mode="json", exclude={"embedding", "dim"})
+        return self.model_dump(mode="json", exclude={"top5"})
 
 
 def error_record(

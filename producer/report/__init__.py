@@ -29,13 +29,14 @@ from producer.report.compare import (
     match_top5,
     model_info,
 )
-from producer.report.html import DEFAULT_TITLE, ReportStats, write_html_report
+from producer.report.html import DEFAULT_TITLE, DuplicatesSection, ReportStats, write_html_report
 from producer.report.png import png_name, write_png_reports
 from producer.report.thumbnails import Thumbnailer, make_thumbnail, no_thumbnail
 
 __all__ = [
     "DEFAULT_TITLE",
     "DEFAULT_WINDOW",
+    "DuplicatesSection",
     "MatchMethod",
     "ModelStats",
     "PairStats",

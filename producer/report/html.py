@@ -62,12 +62,26 @@ class ReportStats:
     shown: int
 
 
-def _static(name: str) -> str:
+# The near-duplicates section lists this many groups, and this many names of each.
+MAX_GROUPS_SHOWN = 200
+MAX_GROUP_NAMES_SHOWN = 12
+
+
+@dataclass(frozen=True)
+class DuplicatesSection:
+    """Near-duplicate groups of one embedding model (images as submitted), largest first."""
+
+    model: str
+    threshold: float
+    groups: Sequence[Sequence[str]]
+
+
+def static_text(name: str) -> str:
     """A stylesheet or script shipped in the package, without its final newline."""
     return (resources.files("producer.report") / "static" / name).read_text("utf-8").strip()
 
 
-def _csp_hash(text: str) -> str:
+def csp_hash(text: str) -> str:
     """A CSP source expression for one inline script or style element."""
     digest = hashlib.sha256(text.encode("utf-8")).digest()
     return "'sha256-" + base64.b64encode(digest).decode("ascii") + "'"
@@ -167,6 +181,7 @@ def write_html_report(
     models: Sequence[str] | None = None,
     window: int = DEFAULT_WINDOW,
     max_images: int | None = None,
+    duplicates: Sequence[DuplicatesSection] = (),
 ) -> ReportStats:
     """Write one self-contained HTML comparison report; thumbnail None means make_thumbnail.
 
@@ -179,6 +194,9 @@ def write_html_report(
 
     ``max_images``: the gallery shows the first this many images (None: all); the
     summary still counts every image, and the page says how many are shown.
+
+    ``duplicates``: a near-duplicates section per embedding model (its groups, largest
+    first; the page lists the first :data:`MAX_GROUPS_SHOWN`).
     """
     if page_size < 1:
         raise ValueError("page_size must be at least 1")
@@ -230,10 +248,10 @@ def write_html_report(
         ]
         if jobs:
             cards.append(("Job" if len(jobs) == 1 else "Jobs", ", ".join(jobs)))
-        css, script = _static("report.css"), _static("report.js")
+        css, script = static_text("report.css"), static_text("report.js")
         csp = (
             "default-src 'none'; img-src data:; "
-            f"style-src {_csp_hash(css)}; script-src {_csp_hash(script)}; "
+            f"style-src {csp_hash(css)}; script-src {csp_hash(script)}; "
             "base-uri 'none'; form-action 'none'"
         )
         # The payload with an empty images array, then a placeholder put in it: the
@@ -256,6 +274,19 @@ def write_html_report(
                 cards=cards,
                 summary=summary,
                 captions=captions,
+                duplicates=[
+                    {
+                        "model": d.model,
+                        "threshold": d.threshold,
+                        "n_groups": len(d.groups),
+                        "n_images": sum(len(g) for g in d.groups),
+                        "groups": [
+                            (g[:MAX_GROUP_NAMES_SHOWN], len(g) - MAX_GROUP_NAMES_SHOWN)
+                            for g in d.groups[:MAX_GROUPS_SHOWN]
+                        ],
+                    }
+                    for d in duplicates
+                ],
                 # Marked safe, so placed verbatim: the CSP is built here from constants
                 # and base64 hashes, the CSS and script are package files, and the
                 # payload is JSON made safe for a <script> element above (HTML escaping

@@ -1,4 +1,23 @@
-"""Fixtures on real parts: a real Redis, real SavedModels, real worker processes."""
+"""Fixtures on real parts: a real Redis, real SavedModels, real worker processes.
+
+In parallel: ``make test`` runs ``pytest -n 2 --dist loadfile`` (pytest-xdist). Each
+test process has its own Redis server (``redis_url``), its own PostgreSQL schema
+(``postgres_url``), its own temporary folders and its own session workers
+(``shared_worker``, ``start_worker``): session fixtures are per process, so queues,
+Redis databases (``/7``, ``/8``) and worker names never collide between processes.
+
+- A module's tests run in one process, in order, so that its module fixtures
+  (workers above all) start once.
+- The modules in ``SPREAD`` share no module fixture: their tests are handed out one
+  by one, to any process. A new module of that kind with slow tests belongs there.
+- ``HEAVIEST_FIRST`` lists the slowest modules, handed out first, so that the light
+  ones fill the end of the run rather than one process finishing a heavy one alone.
+- Short time constants are settings, not sleeps: pass them in a worker's ``env``:
+  ``IMGQ_HEARTBEAT_INTERVAL``/``IMGQ_HEARTBEAT_TIMEOUT`` (a dead worker's tasks come
+  back), ``IMGQ_SWEEP_GRACE`` (a lost task is sent again), ``IMGQ_NOTIFY_BACKOFF``
+  (callback retries), ``IMGQ_VISIBILITY_TIMEOUT`` (10 s at least),
+  ``IMGQ_MAX_BATCH_DELAY_MS`` (a slow model that costs no CPU).
+"""
 
 from __future__ import annotations
 
@@ -42,6 +61,64 @@ SOLO_MODELS: dict[str, tuple[int, str, str, str]] = {
 }
 CUSTOM_LABELS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta"]
 
+# Under xdist, the slowest modules, handed out in this order before all others.
+HEAVIEST_FIRST = (
+    "test_liveness",
+    "test_faults",
+    "test_run",
+    "test_pgstore",
+    "test_scaling",
+    "test_precision_worker",
+    "test_sentinel",
+    "test_precision",
+    "test_notify",
+    "test_pipeline",
+    "test_jobctl_workers",
+    "test_report_stream",
+    "test_report",
+    "test_flower",
+)
+# Under xdist, modules whose tests start what they need themselves (or use session
+# fixtures only): their tests go to any process, one by one.
+SPREAD = ("test_liveness", "test_faults", "test_run")
+
+
+def module_name(nodeid: str) -> str:
+    """The name of a test's module without its package (``test_faults``)."""
+    return nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist, the heaviest modules first (each module's tests keep their order)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+
+    def rank(item: pytest.Item) -> int:
+        name = module_name(item.nodeid)
+        return HEAVIEST_FIRST.index(name) if name in HEAVIEST_FIRST else len(HEAVIEST_FIRST)
+
+    items.sort(key=rank)
+
+
+try:
+    from xdist.scheduler import LoadFileScheduling
+except ImportError:  # pytest-xdist (the dev extra) is not installed: no parallel runs
+    pass
+else:
+
+    class ModuleScheduling(LoadFileScheduling):  # type: ignore[misc]
+        """``--dist loadfile``, but the tests of the ``SPREAD`` modules one by one, and
+        the modules in the order the test processes collected them (heaviest first)."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return nodeid if module_name(nodeid) in SPREAD else super()._split_scope(nodeid)
+
+    def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+        if config.getvalue("dist") != "loadfile":
+            return None
+        config.option.loadscopereorder = False
+        return ModuleScheduling(config, log)
+
 
 def wait_for(
     predicate: Callable[[], bool], timeout: float, what: str, *, interval: float = 0.05
@@ -78,8 +155,10 @@ class RedisServer(EmbeddedRedis):
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """IMGQ_TEST_REDIS_URL when set (its database is flushed), else a throwaway server."""
-    url = os.environ.get("IMGQ_TEST_REDIS_URL")
+    """IMGQ_TEST_REDIS_URL when set (its database is flushed), else a throwaway server.
+    Under xdist always a throwaway server, one per test process: the tests use other
+    databases of their server too, which processes sharing one would race for."""
+    url = None if os.environ.get("PYTEST_XDIST_WORKER") else os.environ.get("IMGQ_TEST_REDIS_URL")
     if url:
         redis.Redis.from_url(url).flushdb()
         yield url

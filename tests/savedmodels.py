@@ -82,3 +82,41 @@ def direct_scores(path: Path, images: np.ndarray, activation: str) -> np.ndarray
     if activation == "sigmoid":
         return 1.0 / (1.0 + np.exp(-logits))
     return logits
+
+
+def build_embedder(path: Path, dim: int, *, seed: int = 0, pooled_4d: bool = False) -> Path:
+    """Save a deterministic feature-vector model, in TF Hub's feature-vector convention:
+    float32 [batch, height, width, 3] in [0, 1] -> [batch, dim] (``pooled_4d``:
+    [batch, 1, 1, dim], as a model without its final flatten returns).
+
+    The features are soft colour histograms (16 bins per channel, pooled over the
+    whole image) projected to ``dim`` with a ReLU: unchanged by rotating the image
+    and barely moved by recompressing it, so a photo's copies stay its nearest
+    neighbours, while different photos differ.
+    """
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    weights = rng.normal(0.0, 1.0, size=(48, dim)).astype(np.float32)
+    bias = rng.normal(0.0, 0.1, size=(dim,)).astype(np.float32)
+    centres = np.linspace(0.0, 1.0, 16, dtype=np.float32)
+
+    class Embedder(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = tf.Variable(weights)
+            self.b = tf.Variable(bias)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+        def __call__(self, images: tf.Tensor) -> tf.Tensor:
+            # (n, h, w, 3, 1) against (16,): soft bins, averaged over the pixels.
+            near = tf.exp(-tf.square(images[..., None] - centres) / 0.005)
+            hist = tf.reduce_mean(near, axis=[1, 2])  # (n, 3, 16)
+            feats = tf.reshape(hist, [-1, 48]) * 4.0
+            out = tf.nn.relu(tf.matmul(feats, self.w) + self.b)
+            if pooled_4d:
+                return out[:, None, None, :]
+            return out
+
+    tf.saved_model.save(Embedder(), str(path))
+    return path

@@ -28,7 +28,7 @@ def poison(models_dir: Path) -> Classifier:
 
 
 def images(n: int, seed: int = 3) -> np.ndarray:
-    return np.random.default_rng(seed).random((n, 32, 32, 3), dtype=np.float32) * 0.9
+    return np.random.default_rng(seed).integers(0, 230, (n, 32, 32, 3), dtype=np.uint8)
 
 
 def test_single_image_callers_are_batched(classifier: Classifier) -> None:
@@ -79,7 +79,7 @@ def test_a_lone_image_waits_at_most_the_delay(classifier: Classifier) -> None:
 def test_one_bad_image_spares_the_batch(poison: Classifier) -> None:
     batcher = DynamicBatcher(poison, max_delay=0.01)
     data = list(images(6))
-    data[2] = np.ones((32, 32, 3), np.float32)  # the model fails on an all-white image
+    data[2] = np.full((32, 32, 3), 255, np.uint8)  # the model fails on an all-white image
     out = batcher.predict(data)
     assert [isinstance(o, TopK) for o in out] == [True, True, False, True, True, True]
     assert "poison" in str(out[2])

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from shared.modes import Precision
+from shared.modes import Precision, RuntimeKind
 from shared.registry import Activation, ModelSpec, load_registry
 from tests.conftest import TEST_MODELS
 from tests.savedmodels import build_classifier, direct_scores
 from workers.classifier import Classifier, ModelLoadError, batch_buckets
+from workers.runtimes.base import to_unit
 
 
 def spec_for(models_dir: Path, name: str) -> ModelSpec:
@@ -19,7 +22,8 @@ def spec_for(models_dir: Path, name: str) -> ModelSpec:
 
 
 def random_images(n: int, size: int = 32, seed: int = 1) -> np.ndarray:
-    return np.random.default_rng(seed).random((n, size, size, 3), dtype=np.float32)
+    """uint8 pixels, as the decoders hand them to a model."""
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
 def test_buckets() -> None:
@@ -37,7 +41,7 @@ def test_top5_matches_a_direct_call(models_dir: Path, name: str) -> None:
     assert clf.num_classes == classes == len(clf.labels)
     images = random_images(5)  # padded to the bucket of 8
     preds = clf.predict(images)
-    ref = direct_scores(models_dir / name, images, activation)
+    ref = direct_scores(models_dir / name, to_unit(images), activation)
     for row in range(5):
         want = np.argsort(-ref[row], kind="stable")[:5]
         assert list(preds.indices[row]) == list(want)
@@ -96,9 +100,11 @@ def test_output_width_must_match_labels(models_dir: Path) -> None:
 
 
 def test_unreachable_hub_handle_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The download folder is handed to the loader, not read back from the environment:
+    the message names the folder given, whatever the variable said before."""
     import time
 
-    monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path / "stale"))
     spec = ModelSpec(
         name="remote",
         handle="https://127.0.0.1:9/tfhub/model/1",
@@ -107,9 +113,10 @@ def test_unreachable_hub_handle_fails_fast(tmp_path: Path, monkeypatch: pytest.M
         labels="imagenet1k",
     )
     start = time.monotonic()
-    with pytest.raises(ModelLoadError, match="could not be loaded from handle"):
-        Classifier(spec, max_batch_size=2).load()
+    with pytest.raises(ModelLoadError, match="could not be loaded from handle") as info:
+        Classifier(spec, max_batch_size=2, hub_cache_dir=tmp_path / "cache").load()
     assert time.monotonic() - start < 30
+    assert f"TFHUB_CACHE_DIR (now {tmp_path / 'cache'})" in str(info.value)
 
 
 def test_model_error_is_raised_not_hidden(tmp_path: Path) -> None:
@@ -124,9 +131,9 @@ def test_model_error_is_raised_not_hidden(tmp_path: Path) -> None:
         labels=str(labels),
     )
     clf = Classifier(spec, max_batch_size=4).load()
-    images = random_images(2) * 0.5
+    images = random_images(2) // 2
     assert clf.predict(images).indices.shape == (2, 5)
-    images[1] = 1.0
+    images[1] = 255
     with pytest.raises(Exception, match="poison"):
         clf.predict(images)
 
@@ -175,3 +182,61 @@ def test_fp16_switch_keeps_results_on_cpu(models_dir: Path) -> None:
     assert fp16.backend is not None and fp16.backend.precision is Precision.FP16
     np.testing.assert_array_equal(before.indices, after.indices)
     np.testing.assert_allclose(before.scores, after.scores, rtol=1e-3)
+
+
+def float32_path(path: Path, images: np.ndarray, activation: Activation) -> tuple[Any, Any]:
+    """Top-5 and scores as the float32 transport computed them: pixels scaled to [0, 1]
+    on the host (the decoder's arithmetic), a float32 batch into the model's function,
+    top-k and activation in the graph."""
+    import tensorflow as tf
+
+    model = tf.saved_model.load(str(path))
+    unit = images.astype(np.float32)
+    unit *= np.float32(1.0 / 255.0)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, *images.shape[1:]], tf.float32)])
+    def infer(x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        logits = tf.cast(model(x), tf.float32)
+        top = tf.math.top_k(logits, k=5, sorted=True)
+        if activation is Activation.SOFTMAX:
+            lse = tf.math.reduce_logsumexp(logits, axis=-1, keepdims=True)
+            return top.indices, tf.exp(top.values - lse)
+        return top.indices, tf.math.sigmoid(top.values)
+
+    indices, scores = infer(unit)
+    return indices.numpy(), scores.numpy()
+
+
+needs_openvino = pytest.mark.skipif(
+    find_spec("openvino") is None, reason="the openvino extra is not installed"
+)
+
+
+@pytest.mark.parametrize(
+    ("runtime", "name"),
+    [
+        (RuntimeKind.TENSORFLOW, "t1001"),
+        (RuntimeKind.TENSORFLOW, "t21k"),
+        (RuntimeKind.TENSORFLOW, "bilinear"),
+        pytest.param(RuntimeKind.OPENVINO, "bilinear", marks=needs_openvino),
+    ],
+)
+def test_uint8_batches_match_the_float32_path(
+    models_dir: Path, tmp_path: Path, runtime: RuntimeKind, name: str
+) -> None:
+    """uint8 in, cast and scaled in the model's graph: the same top-5 and scores (1e-6)
+    as float32 batches scaled on the host."""
+    if name == "bilinear":  # OpenVINO converts bilinear resizing, not area
+        path = build_classifier(tmp_path / "m", 1000, resize="bilinear")
+        spec = ModelSpec("tbl", str(path), (32, 32), Activation.SOFTMAX, "imagenet1k")
+    else:
+        spec = spec_for(models_dir, name)
+    clf = Classifier(spec, max_batch_size=8, runtime=runtime, cache_dir=tmp_path / "c").load()
+    assert clf.backend is not None and clf.backend.name == runtime.value
+    images = random_images(8, seed=13)
+    got = clf.predict(images)
+    indices, scores = float32_path(Path(spec.handle), images, spec.activation)
+    np.testing.assert_array_equal(got.indices, indices)
+    np.testing.assert_allclose(got.scores, scores, rtol=0, atol=1e-6)
+    with pytest.raises(TypeError, match="uint8"):
+        clf.predict(to_unit(images))

@@ -18,6 +18,7 @@ from shared.contract import (
     ErrorDict,
     PredictionDict,
     ResultDict,
+    embedding_result,
     error_result,
     parse_task_id,
     task_id,
@@ -88,7 +89,26 @@ def assert_matches_contract(record: ResultDict) -> None:
     """The record parses as a ResultRecord and dumps back to the very same JSON."""
     parsed = ResultRecord.model_validate(record)
     assert json.dumps(parsed.to_json_dict()) == json.dumps(record)
-    assert list(record) == list(ResultDict.__annotations__)
+    # The wire order, less the keys of the other kind of model.
+    other = {"embedding", "dim"} if "top5" in record else {"top5"}
+    assert list(record) == [k for k in ResultDict.__annotations__ if k not in other]
+
+
+def test_an_embedding_record_carries_its_vector_in_place_of_top5() -> None:
+    vector = np.array([0.25, -1.5, 3.0e-7, 12.0], np.float32)
+    record = embedding_result("job-1", "a.jpg", "feat", vector)
+    assert record["embedding"] == [0.25, -1.5, float(np.float32(3.0e-7)), 12.0]
+    assert record["dim"] == 4 and "top5" not in record
+    assert_matches_contract(record)
+    parsed = ResultRecord.model_validate(record)
+    assert parsed.ok and parsed.is_embedding and parsed.top5 == []
+    # float32 values survive the JSON round trip exactly.
+    back = np.array(json.loads(json.dumps(parsed.to_json_dict()))["embedding"], np.float32)
+    assert np.array_equal(back, vector)
+    classified = ResultRecord.model_validate(
+        {"job_id": "j", "image": "b.jpg", "model": "m", "top5": [], "error": None}
+    )
+    assert "embedding" not in classified.to_json_dict() and not classified.is_embedding
 
 
 def test_records_a_worker_builds_match_the_contract(tmp_path: Path) -> None:

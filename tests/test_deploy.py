@@ -415,7 +415,9 @@ def test_env_example_lists_exactly_the_compose_variables() -> None:
 
 def test_dockerfile_builds_one_non_root_image() -> None:
     text = DOCKERFILE.read_text(encoding="utf-8")
-    assert re.search(r"^FROM python:3\.11-slim\b", text, re.M)
+    # python:3.11-slim unless the build names another base.
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", text, re.M)
+    assert re.findall(r"^FROM\s+(.+)$", text, re.M) == ["${BASE_IMAGE}"]
     assert re.search(r"^ARG TF_PACKAGE=tensorflow-cpu$", text, re.M)
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users and users[-1].split(":")[0] not in ("root", "0")
@@ -509,6 +511,15 @@ def test_k8s_gpu_worker_deployment(k8s_docs: list[dict[str, Any]]) -> None:
         assert mounted["/images"].get("readOnly") is True
         for mount in mounted.values():
             assert mount["name"] in volumes
+        # Not Ready (a rollout waits) until the models are loaded and warm; a GPU
+        # that is not usable stops the pod instead of running on the CPU.
+        probe = container["startupProbe"]
+        assert probe["exec"]["command"] == ["test", "-f", env["IMGQ_READY_FILE"]["value"]]
+        assert probe["periodSeconds"] * probe["failureThreshold"] >= 600
+        assert env["IMGQ_REQUIRE_GPU"]["value"] == "true"
+        # CUDA's kernel cache survives the pod (H100/H200 kernels compiled once).
+        cuda_cache = env["CUDA_CACHE_PATH"]["value"]
+        assert any(cuda_cache.startswith(path + "/") for path in mounted if path != "/images")
 
 
 def test_keda_scales_the_worker_on_its_queue(k8s_docs: list[dict[str, Any]]) -> None:

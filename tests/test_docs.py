@@ -40,3 +40,19 @@ def test_readme_opens_with_the_two_commands() -> None:
     assert block[0].startswith("make run IMAGES=./photos")
     assert block[1].startswith("make test")
     assert "make test" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+
+
+def test_readme_lists_every_image_extension_folders_pick_up() -> None:
+    from shared.image_formats import IMAGE_EXTENSIONS
+
+    listed = README.split("Folders and globs pick up the", 1)[1].split("(`shared/", 1)[0]
+    assert set(" ".join(listed.split()).split("`")[1].split()) == IMAGE_EXTENSIONS
+
+
+def test_readme_exit_codes_are_the_cli_exit_codes() -> None:
+    from producer import cli_common
+
+    table = README.split("The exit codes of\nevery command:\n\n", 1)[1].split("\n\n", 1)[0]
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")]
+    codes = sorted(v for k, v in vars(cli_common).items() if k.startswith("EXIT_"))
+    assert [int(c) for c in rows if c.isdigit()] == [0, *codes]

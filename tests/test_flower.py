@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shared.jobs import task_id
 from tests.browser import Browser
-from tests.conftest import ARTIFACTS, ROOT, WorkerProcess, free_port, run_cli
+from tests.conftest import ARTIFACTS, ROOT, WorkerProcess, free_port, run_cli, wait_for
 from tests.queues import waiting
 
 pytestmark = pytest.mark.slow
@@ -339,7 +339,15 @@ def test_dashboard_in_browser(
     rows = "Array.from(document.querySelectorAll('#workers-table tbody tr'))"
     row_js = f"({rows}.map(r => r.innerText).find(t => t.includes({json.dumps(node)})) || '')"
     browser.navigate(flower.url + "/", ready=f"{row_js} !== ''", timeout=60)
-    row = browser.eval(row_js)
+    # The poll redraws the table (empty for a moment): the row as last seen drawn.
+    row = ""
+
+    def drawn() -> bool:
+        nonlocal row
+        row = browser.eval(row_js)
+        return row != ""
+
+    wait_for(drawn, 30, "the worker's row to be drawn")
     assert "Online" in row, row
     refreshed = browser.eval("document.getElementById('workers-refresh-status').innerText")
     browser.screenshot(ARTIFACTS / "flower-dashboard.png")

@@ -35,7 +35,10 @@ from tests.corpus import (
     mutated_images,
     noise_rgb,
 )
-from workers.inputs import ImageError, ReadLimits, decode_image, load_image, read_source
+from workers.inputs import ImageError, ReadLimits, read_source
+from workers.inputs import decode_image as decode_uint8
+from workers.inputs import load_image as load_uint8
+from workers.runtimes.base import to_unit
 
 SIZE = (224, 224)
 MAX_PIXELS = 89_478_485
@@ -52,6 +55,20 @@ BLUE = np.array([0.0, 0.0, 1.0], dtype=np.float32)
 WHITE = np.ones(3, dtype=np.float32)
 
 
+def decode_image(*args: Any, **kwargs: Any) -> np.ndarray:
+    """The decoder's uint8 pixels, scaled to [0, 1] as the model runtimes do."""
+    array = decode_uint8(*args, **kwargs)
+    assert array.dtype == np.uint8
+    return to_unit(array)
+
+
+def load_image(*args: Any, **kwargs: Any) -> np.ndarray:
+    """load_image's uint8 pixels, scaled to [0, 1] as the model runtimes do."""
+    array = load_uint8(*args, **kwargs)
+    assert array.dtype == np.uint8
+    return to_unit(array)
+
+
 def raises(code: ErrorCode, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> ImageError:
     """Call fn and check it raises ImageError with code; the error."""
     with pytest.raises(ImageError) as info:
@@ -62,7 +79,7 @@ def raises(code: ErrorCode, fn: Callable[..., Any], *args: Any, **kwargs: Any) -
 
 
 def assert_image(array: np.ndarray, height: int, width: int) -> None:
-    """A decoded image: float32, (height, width, 3), values in [0, 1]."""
+    """A decoded image (scaled by decode_image above): float32, (height, width, 3), in [0, 1]."""
     assert array.dtype == np.float32
     assert array.shape == (height, width, 3)
     assert np.isfinite(array).all()
@@ -459,7 +476,7 @@ def test_permission_denied_by_mode(tmp_path: Path) -> None:
 def test_unsupported_sources() -> None:
     for ref in (
         "ftp://example.com/a.jpg",
-        "s3://bucket/a.jpg",
+        "gs://bucket/a.jpg",
         "data:image/png;base64,AAAA",
         "relative/a.jpg",
         "file://otherhost/a.jpg",

@@ -192,7 +192,7 @@ def test_batcher_drops_images_whose_job_was_cancelled(models_dir: Path) -> None:
     spec = load_registry(models_dir / "models.toml")["t1001"]
     classifier = Classifier(spec, max_batch_size=8).load()
     batcher = DynamicBatcher(classifier, max_delay=0.3)
-    data = np.random.default_rng(5).random((4, 32, 32, 3), dtype=np.float32)
+    data = np.random.default_rng(5).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     try:
         cancelled = batcher.submit(list(data[:2]), skip=lambda: True)
         kept = batcher.submit(list(data[2:]), skip=lambda: False)

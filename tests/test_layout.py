@@ -77,3 +77,47 @@ def test_image_input_loads_without_tensorflow() -> None:
     assert out.stdout.strip() == str(
         ["ImageError", "ReadLimits", "decode_image", "load_image", "read_source"]
     )
+
+
+def test_producer_modules_import_no_private_names_of_each_other() -> None:
+    # The command line's shared pieces live in producer/cli_common.py; no module
+    # reaches for another's private helpers (which made import circles).
+    private: dict[str, list[str]] = {}
+    for package in ("producer", "tests"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+            for node in ast.walk(tree):
+                if (
+                    isinstance(node, ast.ImportFrom)
+                    and node.module
+                    and under(node.module, "producer")
+                ):
+                    names = [a.name for a in node.names if a.name.startswith("_")]
+                    if names:
+                        private.setdefault(str(path.relative_to(ROOT)), []).extend(names)
+    assert private == {}
+    cli_imports = imported_modules("producer")
+    for module in ("producer/workers_cmd.py", "producer/jobctl_cli.py", "producer/cli_common.py"):
+        assert "producer.cli" not in cli_imports[module], module
+
+
+def test_results_store_is_a_package_one_module_per_store() -> None:
+    import shared.results_store as store
+    from shared.results_store import base, postgres, redis_store
+
+    assert Path(store.__file__).name == "__init__.py"
+    assert store.ResultsStore is base.ResultsStore
+    assert store.RedisResultsStore is redis_store.RedisResultsStore
+    assert store.PostgresResultsStore is postgres.PostgresResultsStore
+    # Every name importers take from the package path is still there.
+    for name in store.__all__:
+        assert hasattr(store, name), name
+    # The stores share the interface only: neither imports the other.
+    assert (
+        "shared.results_store.postgres"
+        not in imported_modules("shared")["shared/results_store/redis_store.py"]
+    )
+    assert (
+        "shared.results_store.redis_store"
+        not in imported_modules("shared")["shared/results_store/postgres.py"]
+    )

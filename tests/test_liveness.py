@@ -66,9 +66,18 @@ def test_two_of_three_workers_killed_their_tasks_come_back_in_seconds(
     assert not job.status().finished, "the job must outlast the kills"
     b.proc.send_signal(signal.SIGKILL)
     b.proc.wait(30)
-    last_kill = time.monotonic()
-    done = wait_finished(client, job.job_id, 120)
-    assert done - last_kill < 30
+    last_kill = time.time()
+    # What "back in seconds" means: the dead worker's deliveries are put back on their
+    # queues within seconds of the kill. How long the rest of the job then takes is
+    # the survivor's throughput, which a busy machine slows down.
+    wait_for(lambda: "live-b" in recovered_from(client), 60, "worker B's tasks to be recovered")
+    back = min(
+        float(e["at"])
+        for e in Liveness(client.store.client, timeout=10).recoveries()
+        if str(e.get("worker", "")).startswith("live-b@")
+    )
+    assert back - last_kill < 30
+    wait_finished(client, job.job_id, 300)
     assert job.status().models["tfault"].as_dict() == {
         "total": 300,
         "done": 300,
@@ -206,7 +215,7 @@ def test_reclaim_puts_back_only_abandoned_deliveries(client: Client) -> None:
     """Against kombu's own bookkeeping, without workers: deliveries claimed by a live
     worker, or too fresh to be claimed yet, stay; one claimed by a dead worker and one
     nobody claimed for 10 s go back on their queue, once, though two processes reclaim."""
-    from shared.broker_keys import UNACKED_INDEX_KEY, UNACKED_KEY
+    from shared.kombu_redis import UNACKED_INDEX_KEY, UNACKED_KEY
     from shared.liveness import HELD_KEY, Reclaimer, alive_key
 
     # A database of its own: the live workers of other tests recover abandoned

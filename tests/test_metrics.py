@@ -54,6 +54,7 @@ def test_queue_lengths_on_metrics(
         assert 'imgq_queue_length{model="tmetric",queue="imgq.tmetric"} 3.0' in text
         assert "imgq_redis_up 1.0" in text
         assert "imgq_unacked_tasks" in text
+        assert "imgq_redis_memory_used_bytes" in text and "imgq_redis_memory_max_bytes" in text
         assert 'model="resnet50"' in text  # every registry model is reported
     finally:
         redis.Redis.from_url(imgq_env["IMGQ_BROKER_URL"]).delete(*queue_lists("imgq.tmetric"))

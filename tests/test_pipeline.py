@@ -22,9 +22,18 @@ import pytest
 from producer.sources import expand_sources
 from shared.labels import load_labels
 from shared.settings import Settings
-from tests.conftest import CUSTOM_LABELS, ROOT, TEST_MODELS, WorkerProcess, run_cli, wait_for
+from tests.conftest import (
+    CUSTOM_LABELS,
+    ROOT,
+    TEST_MODELS,
+    WorkerProcess,
+    renamed_model_file,
+    run_cli,
+    wait_for,
+)
 from tests.savedmodels import direct_scores
 from workers.inputs import ReadLimits, load_image
+from workers.runtimes.base import to_unit
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +44,7 @@ def expected_top5(models_dir: Path, model: str, paths: list[Path]) -> dict[str, 
     """Top-5 indices per image from a direct TensorFlow call on the same decoded input."""
     _, _, activation, _ = TEST_MODELS[model]
     limits = ReadLimits.from_settings(Settings())
-    batch = np.stack([load_image(str(p), (32, 32), limits) for p in paths])
+    batch = to_unit(np.stack([load_image(str(p), (32, 32), limits) for p in paths]))
     scores = direct_scores(models_dir / model, batch, activation)
     return {
         str(p): list(np.argsort(-s, kind="stable")[:5]) for p, s in zip(paths, scores, strict=True)
@@ -165,7 +174,7 @@ def test_cli_submit_status_results(
     unknown = run_cli(["status", "no-such-job"], imgq_env)
     assert unknown.returncode == 1 and "unknown or has expired" in unknown.stderr
     bad_model = run_cli(["submit", str(photos), "-m", "vgg"], imgq_env)
-    assert bad_model.returncode == 1 and "unknown model 'vgg'" in bad_model.stderr
+    assert bad_model.returncode == 2 and "unknown model 'vgg'" in bad_model.stderr
 
 
 def test_model_error_on_one_image_spares_the_rest(
@@ -292,3 +301,39 @@ def test_a_task_whose_job_record_is_gone_is_dropped(
     # The worker still serves: a real job runs after it.
     job = client.submit(sorted(str(p) for p in photos.glob("*.jpg")), models=["t1001"])
     assert job.wait(progress=False, timeout=120).finished
+
+
+def test_readme_python_api_example_runs_as_written(
+    start_worker: Callable[..., WorkerProcess],
+    imgq_env: dict[str, str],
+    models_dir: Path,
+    photos: Path,
+    tmp_path: Path,
+) -> None:
+    import shutil
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    example = readme.split("## Python API", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    # "resnet50" served by a small test model, on a worker of this test's own.
+    env = {
+        **imgq_env,
+        "IMGQ_MODELS_FILE": str(renamed_model_file(models_dir, tmp_path, "resnet50")),
+    }
+    start_worker("resnet50", name="readme", env=env)
+    shutil.copytree(photos, tmp_path / "photos")
+    (tmp_path / "urgent").mkdir()
+    shutil.copy(sorted(photos.glob("*.jpg"))[0], tmp_path / "urgent")
+    proc = subprocess.run(
+        [sys.executable, "-c", example],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    printed = proc.stdout.splitlines()
+    for photo in photos.glob("*.jpg"):
+        assert any(line.startswith(f"./photos/{photo.name} ") for line in printed), proc.stdout
+    assert any(" urgent " in line for line in printed), proc.stdout

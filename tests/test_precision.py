@@ -186,7 +186,7 @@ def convertible(tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
 
 @pytest.fixture(scope="module")
 def images() -> np.ndarray:
-    return np.random.default_rng(21).random((64, 32, 32, 3), dtype=np.float32)
+    return np.random.default_rng(21).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
 
 
 def fidelity(clf: Classifier, ref: Classifier, images: np.ndarray) -> tuple[float, float]:
@@ -245,6 +245,24 @@ def test_precision_is_per_model_in_one_process(convertible: ModelSpec, images: n
     assert not np.array_equal(reduced.scores, after.scores)
 
 
+@needs_bf16
+def test_warm_up_times_the_reduced_precision_against_fp32(
+    convertible: ModelSpec, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The graph rewrite can silently change nothing: the warm-up shows it as a ratio."""
+    from workers.runtime import _log_precision_speedup
+
+    assert Classifier(convertible, max_batch_size=4).load().precision_speedup() is None
+    clf = Classifier(convertible, max_batch_size=4, precision=Precision.BF16).load()
+    timed = clf.precision_speedup()
+    assert timed is not None and all(t > 0 for t in timed)
+    with caplog.at_level(logging.INFO, logger="workers.runtime"):
+        _log_precision_speedup(clf)
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith(f"model {convertible.name}: a batch of 4 takes ")
+    assert " in bf16, " in line and " in fp32 (x" in line
+
+
 @needs_openvino
 def test_openvino_conversion_is_cached_on_disk(tmp_path: Path) -> None:
     from workers.runtimes.openvino import OpenVINOBackend
@@ -253,7 +271,7 @@ def test_openvino_conversion_is_cached_on_disk(tmp_path: Path) -> None:
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(map(str, range(10))) + "\n")
     spec = ModelSpec("tchg", str(path), (32, 32), Activation.SOFTMAX, str(labels))
-    x = np.random.default_rng(4).random((3, 32, 32, 3), dtype=np.float32)
+    x = np.random.default_rng(4).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     cache = tmp_path / "cache"
 
     def load() -> Classifier:
@@ -314,7 +332,7 @@ def test_openvino_falls_back_to_tensorflow_with_one_warning(
     assert "model tarea: OpenVINO cannot convert it" in warnings[0]
     assert "ResizeArea" in warnings[0] and "running it in TensorFlow" in warnings[0]
     ref = Classifier(spec, max_batch_size=4).load()
-    x = np.random.default_rng(6).random((3, 32, 32, 3), dtype=np.float32)
+    x = np.random.default_rng(6).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     np.testing.assert_array_equal(clf.predict(x).indices, ref.predict(x).indices)
 
 
@@ -334,14 +352,14 @@ def test_exact_decode_is_a_full_decode_then_a_resize() -> None:
     size = (64, 64)
     with Image.open(io.BytesIO(jpeg.getvalue())) as im:
         full = im.convert("RGB").resize(size, Image.Resampling.BILINEAR)
-    reference = np.asarray(full, np.float32) / 255
+    reference = np.asarray(full, np.float32)
     exact = decode_image(jpeg.getvalue(), size, max_pixels=10**8, exact=True)
     fast = decode_image(jpeg.getvalue(), size, max_pixels=10**8)
     assert exact.shape == fast.shape == (64, 64, 3)
     # The same libjpeg-turbo decode: equal up to rounding in the last bit.
-    assert np.abs(exact - reference).max() <= 1.5 / 255
+    assert np.abs(exact - reference).max() <= 1.5  # uint8 pixels: 0..255
     # DCT downscaling (to 1/4 here) changes pixels well beyond that.
-    assert np.abs(fast - reference).max() > 10 / 255
+    assert np.abs(fast - reference).max() > 10
     # PNGs have no DCT: both modes decode them the same way.
     np.testing.assert_array_equal(
         decode_image(png.getvalue(), size, max_pixels=10**8, exact=True),

@@ -15,6 +15,7 @@ from tests.conftest import WorkerProcess
 from tests.savedmodels import build_classifier, direct_scores
 from workers.hardware import detect
 from workers.inputs import ReadLimits, load_image
+from workers.runtimes.base import to_unit
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +64,9 @@ def test_openvino_auto_precision_exact_decode_worker(
 
     limits = ReadLimits.from_settings(Settings())
     for mode, exact in (("tfast", True), ("tplain", False)):
-        batch = np.stack([load_image(str(p), (32, 32), limits, exact=exact) for p in paths])
+        batch = to_unit(
+            np.stack([load_image(str(p), (32, 32), limits, exact=exact) for p in paths])
+        )
         ref = direct_scores(fast_models / "m", batch, "softmax")
         for p, scores in zip(paths, ref, strict=True):
             top5 = records[(mode, str(p))].top5

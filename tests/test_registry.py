@@ -32,6 +32,19 @@ def test_builtins_match_the_model_cards() -> None:
     assert load_registry(None) == BUILTIN_MODELS
 
 
+def test_bit_has_its_own_batch_size_unless_one_is_set(tmp_path: Path) -> None:
+    from workers.runtime import batch_size_of
+
+    bit, resnet = BUILTIN_MODELS["bit_m_r152x4"], BUILTIN_MODELS["resnet50"]
+    assert batch_size_of(bit, Settings()) == 16
+    assert batch_size_of(resnet, Settings()) == 32
+    assert batch_size_of(bit, Settings(batch_size=32)) == 32  # IMGQ_BATCH_SIZE, --batch-size
+    models = tmp_path / "models.toml"
+    models.write_text("[models.bit_m_r152x4]\nbatch_size = 8\n", encoding="utf-8")
+    from_file = load_registry(models)["bit_m_r152x4"]
+    assert batch_size_of(from_file, Settings(batch_size=32)) == 8  # the models file first
+
+
 def test_queues_per_model() -> None:
     assert queue_for("resnet50") == "imgq.resnet50"
     assert model_from_queue("imgq.resnet50") == "resnet50"
@@ -123,5 +136,8 @@ def test_missing_models_file_names_the_variable(tmp_path: Path) -> None:
 
 
 def test_unknown_model_lists_known_ones() -> None:
-    with pytest.raises(RegistryError, match="known models: bit_m_r152x4, resnet50"):
+    with pytest.raises(
+        RegistryError,
+        match="known models: bit_m_r152x4, bit_m_r152x4_features, resnet50, resnet50_features",
+    ):
         get_model(BUILTIN_MODELS, "vgg")

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from producer.api import Client
-from producer.cli import _write_reports
+from producer.cli import write_reports
 from producer.report import (
     ReportImage,
     SummaryBuilder,
@@ -318,7 +318,7 @@ def test_report_code_streams_from_both_stores(
     models = ["m_first", "m_second"]  # alphabetical: the same columns either way
     job = client.job(fill_job(client, models, 10, 4))
     html, png_dir = tmp_path / "r.html", tmp_path / "png"
-    _write_reports(client, job, html, png_dir, page_size=5)
+    write_reports(client, job, html, png_dir, page_size=5)
 
     # The same page as the records held in memory give (the CLI's title).
     held = write_html_report(

@@ -51,6 +51,7 @@ def test_run_end_to_end(imgq_env: dict[str, str], photos: Path, tmp_path: Path) 
             "run",
             str(photos),
             str(photos / "missing.jpg"),
+            "--allow-missing",  # a path this host does not see: a not_found record
             "-m",
             "t1001",
             "-m",
@@ -107,7 +108,7 @@ def test_run_bad_model_fails_fast(imgq_env: dict[str, str], photos: Path, tmp_pa
     proc = run_cli(
         ["run", str(photos), "-m", "nope", "--out", str(tmp_path / "r.jsonl")], run_env(imgq_env)
     )
-    assert proc.returncode == 1 and "unknown model 'nope'" in proc.stderr
+    assert proc.returncode == 2 and "unknown model 'nope'" in proc.stderr
     models = tmp_path / "m.toml"
     models.write_text('[models.ghost]\nhandle = "/nowhere"\nlabels = "imagenet1k"\n')
     env = {**run_env(imgq_env), "IMGQ_MODELS_FILE": str(models)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -57,10 +58,17 @@ def test_text_manifest_paths_relative_to_it(tree: Path) -> None:
         "# a comment\n../photos/a.jpg\n\nhttps://h/x.jpg\n../photos\n", encoding="utf-8"
     )
     refs = expand_sources(["@lists/l.txt"], cwd=tree)
-    assert srcs(refs) == ["../photos/a.jpg", "https://h/x.jpg", "../photos"]
     assert refs[0].ref == str(tree / "photos" / "a.jpg")
-    # A folder inside a manifest is one entry; the worker answers is_directory.
-    assert refs[2].ref == str(tree / "photos")
+    # A folder in a manifest is walked, as on the command line (and as a glob line is).
+    assert srcs(refs) == [
+        "../photos/a.jpg",
+        "https://h/x.jpg",
+        "../photos/a.jpg",
+        "../photos/b/c.PNG",
+        "../photos/e.jpeg",
+    ]
+    (tree / "lists" / "g.txt").write_text("../photos/*.jpg\n", encoding="utf-8")
+    assert srcs(expand_sources(["@lists/g.txt"], cwd=tree)) == ["../photos/a.jpg"]
 
 
 def test_csv_and_jsonl_manifests(tree: Path) -> None:
@@ -82,3 +90,103 @@ def test_csv_and_jsonl_manifests(tree: Path) -> None:
 def test_missing_manifest(tree: Path) -> None:
     with pytest.raises(SourceError, match="cannot read manifest"):
         expand_sources(["@nope.txt"], cwd=tree)
+
+
+def test_csv_manifests_sniffed_blank_lines_skipped_no_column_refused(tree: Path) -> None:
+    # Semicolons, a blank line inside and at the end, a BOM and CRLF line ends.
+    (tree / "semi.csv").write_text(
+        "\ufeffid;path\r\n1;photos/a.jpg\r\n\r\n2;x.gif\r\n\r\n", encoding="utf-8"
+    )
+    assert srcs(expand_sources(["semi.csv"], cwd=tree)) == ["photos/a.jpg", "x.gif"]
+    (tree / "tabs.csv").write_text("url\tlabel\nhttps://h/y.png\tcat\n", encoding="utf-8")
+    assert srcs(expand_sources(["tabs.csv"], cwd=tree)) == ["https://h/y.png"]
+    (tree / "blank.csv").write_text("image\nphotos/a.jpg\n\n\nx.gif\n\n", encoding="utf-8")
+    assert srcs(expand_sources(["blank.csv"], cwd=tree)) == ["photos/a.jpg", "x.gif"]
+    # No recognisable column: refused in one line, the header never becomes an image.
+    (tree / "nocol.csv").write_text("id,name\n1,photos/a.jpg\n", encoding="utf-8")
+    with pytest.raises(SourceError, match=r"nocol\.csv: no column named image, path, url"):
+        expand_sources(["nocol.csv"], cwd=tree)
+    (tree / "word.csv").write_text("filename\nphotos/a.jpg\n", encoding="utf-8")
+    with pytest.raises(SourceError, match="no column named"):
+        expand_sources(["word.csv"], cwd=tree)
+
+
+def test_folders_find_every_extension_the_decoder_reads(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from shared.image_formats import IMAGE_EXTENSIONS, IMAGE_FORMATS
+    from workers.inputs.decode import SUPPORTED_FORMATS
+
+    names = ["a.avif", "b.ico", "c.jfif", "d.JPG", "e.webp", "f.txt"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    assert srcs(expand_sources([str(tmp_path)])) == [str(tmp_path / n) for n in names[:5]]
+    # One list: every extension Pillow gives a format the decoder opens is picked up.
+    assert tuple(IMAGE_FORMATS) == SUPPORTED_FORMATS
+    Image.init()
+    readable = {e for e, f in Image.registered_extensions().items() if f in SUPPORTED_FORMATS}
+    assert readable <= IMAGE_EXTENSIONS
+
+
+def test_a_text_file_named_without_at_gets_a_hint(tree: Path) -> None:
+    (tree / "list.txt").write_text("photos/a.jpg\n", encoding="utf-8")
+    with pytest.raises(SourceError, match=r"name it @list\.txt"):
+        expand_sources(["list.txt"], cwd=tree)
+    assert srcs(expand_sources(["@list.txt"], cwd=tree)) == ["photos/a.jpg"]
+
+
+def test_missing_sources_are_the_local_paths_that_do_not_exist(tree: Path) -> None:
+    from producer.sources import missing_sources
+
+    typed = ["photos", "phtos", "photos/a.jpg", "nope.jpg", "https://h/x.jpg", "@l.txt", "*.png"]
+    assert missing_sources(typed, cwd=tree) == ["phtos", "nope.jpg"]
+
+
+def test_a_manifest_is_read_as_it_is_written(tmp_path: Path) -> None:
+    """References come out while the manifest is still being written (a named pipe):
+    a manifest of ten million lines is never in memory at once."""
+    import threading
+
+    from producer.sources import iter_sources
+
+    fifo = tmp_path / "list.txt"
+    os.mkfifo(fifo)
+    more = threading.Event()
+
+    def write() -> None:
+        with open(fifo, "w", encoding="utf-8") as fh:
+            fh.write("/data/a.jpg\n")
+            fh.flush()
+            more.wait(10)
+            fh.write("/data/b.jpg\n")
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        found = iter_sources([f"@{fifo}"])
+        assert next(found).ref == "/data/a.jpg"  # before the writer has finished
+        more.set()
+        assert [r.ref for r in found] == ["/data/b.jpg"]
+    finally:
+        more.set()
+        writer.join(10)
+
+
+def test_folders_are_walked_in_path_order_and_a_vanished_one_is_an_error(tmp_path: Path) -> None:
+    from producer.sources import iter_sources
+
+    for name in ("a.jpg", "a/x.jpg", "a0.jpg", "a-b.jpg", "b/c/d.png", "b/notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    os.symlink(tmp_path / "b", tmp_path / "link")  # links to folders are not followed
+    refs = expand_sources([str(tmp_path)])
+    paths = [r.ref for r in refs]
+    assert paths == sorted(paths) and len(paths) == 5
+    assert [r.src for r in refs] == [
+        str(tmp_path / n) for n in ("a-b.jpg", "a.jpg", "a/x.jpg", "a0.jpg", "b/c/d.png")
+    ]
+    found = iter_sources([str(tmp_path)])
+    assert next(found).src.endswith("a-b.jpg")
+    shutil.rmtree(tmp_path / "b")  # vanishes while the walk goes on
+    with pytest.raises(SourceError, match=r"cannot read folder .*b"):
+        list(found)

@@ -12,12 +12,11 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from producer.api import Client
 from shared.settings import Settings
-from tests.conftest import ROOT, WorkerProcess, free_port, renamed_model_file
+from tests.conftest import ROOT, WorkerProcess, free_port, renamed_model_file, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -103,6 +102,69 @@ def test_counters_match_the_job(
     assert value(after, "imgq_worker_warmup_seconds", model=MODEL) > 0
 
 
+def test_a_duplicate_of_a_finished_task_costs_no_model_call(
+    metrics_worker: tuple[WorkerProcess, int],
+    imgq_env: dict[str, str],
+    models_file: Path,
+    photos: Path,
+) -> None:
+    worker, port = metrics_worker
+    client = Client(Settings(broker_url=imgq_env["IMGQ_BROKER_URL"], models_file=models_file))
+    images = sorted(str(p) for p in photos.glob("*.jpg"))
+    job = client.submit(images, models=[MODEL], chunk_size=len(images))
+    job.wait(progress=False, timeout=60)
+    before = scrape(port)
+    # Delivered again after it finished (a broker reconnect, a failover, two sweeps).
+    job.send_chunk(MODEL, 0)
+    wait_for(
+        lambda: (
+            value(scrape(port), "imgq_worker_tasks_duplicate_total", model=MODEL)
+            > value(before, "imgq_worker_tasks_duplicate_total", model=MODEL)
+        ),
+        30,
+        "the duplicate to be acknowledged",
+    )
+    after = scrape(port)
+    for name in ("imgq_worker_model_calls_total", "imgq_worker_decode_seconds_count"):
+        assert value(after, name, model=MODEL) == value(before, name, model=MODEL), name
+    assert sorted(r.image for r in job.results()) == images
+    assert "has already finished: this delivery is acknowledged, not run" in worker.output()
+
+
+def test_a_duplicate_while_its_worker_lives_is_no_crash(
+    metrics_worker: tuple[WorkerProcess, int],
+    imgq_env: dict[str, str],
+    models_file: Path,
+    photos: Path,
+) -> None:
+    """The same task delivered twice at once, both times to this live worker: neither
+    delivery is taken for one after a crash (no image-by-image run, no redelivery)."""
+    _, port = metrics_worker
+    client = Client(Settings(broker_url=imgq_env["IMGQ_BROKER_URL"], models_file=models_file))
+    images = sorted(str(p) for p in photos.glob("*.jpg")) * 14  # a chunk of several batches
+    before = scrape(port)
+    job = client.submit(images, models=[MODEL], chunk_size=len(images))
+    job.send_chunk(MODEL, 0)  # the same task again, while the first delivery runs
+    job.wait(progress=False, timeout=60)
+    n = len(images)
+
+    def ended() -> bool:  # the second delivery either ran too, or was acknowledged unrun
+        now = scrape(port)
+        ran = value(now, "imgq_worker_images_classified_total", model=MODEL) - value(
+            before, "imgq_worker_images_classified_total", model=MODEL
+        )
+        skipped = value(now, "imgq_worker_tasks_duplicate_total", model=MODEL) - value(
+            before, "imgq_worker_tasks_duplicate_total", model=MODEL
+        )
+        return ran + n * skipped >= 2 * n
+
+    wait_for(ended, 30, "both deliveries to end")
+    after = scrape(port)
+    redelivered = "imgq_worker_tasks_redelivered_total"
+    assert value(after, redelivered, model=MODEL) == value(before, redelivered, model=MODEL)
+    assert len(job.results()) == len(images)
+
+
 def test_warm_up_before_ping(metrics_worker: tuple[WorkerProcess, int]) -> None:
     worker, _ = metrics_worker
     # The fixture returned once the worker answered a ping: warm-up was done by then.
@@ -157,6 +219,8 @@ def test_every_dashboard_metric_exists(
     from prometheus_client import CollectorRegistry, generate_latest
 
     from producer.metrics import QueueCollector
+    from shared.celery_app import create_app
+    from shared.liveness import BrokerRedis
 
     _, port = metrics_worker
     names = dashboard_metrics()
@@ -167,7 +231,8 @@ def test_every_dashboard_metric_exists(
     assert worker - GPU_ONLY <= scraped, sorted(worker - GPU_ONLY - scraped)
     # imgq metrics (queue lengths), on the same Redis.
     registry = CollectorRegistry()
-    registry.register(QueueCollector(redis.Redis.from_url(imgq_env["IMGQ_BROKER_URL"]), [MODEL]))
+    broker = BrokerRedis(create_app(Settings(broker_url=imgq_env["IMGQ_BROKER_URL"])))
+    registry.register(QueueCollector(broker, [MODEL]))
     queues = exported_names(generate_latest(registry).decode())
     imgq = {n for n in names if n.startswith("imgq_") and not n.startswith("imgq_worker_")}
     assert imgq and imgq <= queues, sorted(imgq - queues)

@@ -235,7 +235,7 @@ def measure_purge(sizes: tuple[int, ...] = (10_000, 100_000)) -> list[dict[str, 
                 pipe.execute()
         pipe.execute()
         t = time.perf_counter()
-        removed = purge_queued(store, "gone", ("bench_purge",))
+        removed = purge_queued(store.client, "gone", ("bench_purge",))
         seconds = time.perf_counter() - t
         out.append({"waiting": n, "removed": removed, "seconds": seconds, "slice": PURGE_SLICE})
         client.delete(key)

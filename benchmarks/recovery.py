@@ -110,7 +110,7 @@ def claims_of(r: Any, name: str) -> list[str]:
     A claim outlives its delivery's acknowledgement by up to one heartbeat (the
     worker drops it at its next beat; recovery skips it, since only unacknowledged
     deliveries are put back), so claims are checked against kombu's ``unacked``."""
-    from shared.broker_keys import UNACKED_KEY
+    from shared.kombu_redis import UNACKED_KEY
     from shared.liveness import HELD_KEY, Liveness
 
     ids = [w.worker_id for w in Liveness(r, timeout=10).workers() if w.name.startswith(name + "@")]
@@ -124,7 +124,7 @@ def measure_recovery(
 ) -> list[dict[str, float]]:
     """Kill a worker holding tasks, ``kills`` times; seconds until its tasks are delivered again."""
     from producer.api import Client
-    from shared.broker_keys import UNACKED_INDEX_KEY
+    from shared.kombu_redis import UNACKED_INDEX_KEY
     from shared.liveness import BrokerRedis
     from shared.settings import Settings
 

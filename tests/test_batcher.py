@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -91,3 +92,40 @@ def test_closed_batcher_refuses_work(classifier: Classifier) -> None:
     batcher.close()
     with pytest.raises(RuntimeError, match="closed"):
         batcher.submit(list(images(1)))
+
+
+class SlowModel:
+    """The classifier, each model call made ``seconds`` longer: a model busy long
+    enough for images to come in one by one while it runs."""
+
+    def __init__(self, inner: Classifier, seconds: float) -> None:
+        self._inner = inner
+        self.seconds = seconds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def run(self, staged: Any) -> Any:
+        time.sleep(self.seconds)
+        return self._inner.run(staged)
+
+
+def test_images_that_come_one_by_one_fill_the_batch_while_the_model_is_busy(
+    classifier: Classifier,
+) -> None:
+    # One image every 30 ms, a delay of 20 ms, a model call of 300 ms: the batch after
+    # the first keeps filling for as long as the model is busy, so batches are full
+    # (8) rather than the one or two images that came within the delay.
+    batcher = DynamicBatcher(cast(Classifier, SlowModel(classifier, 0.3)), max_delay=0.02)
+    data = images(25)
+    futures = []
+    for i in range(25):
+        futures.extend(batcher.submit([data[i]]))
+        time.sleep(0.03)
+    for future in futures:
+        assert isinstance(future.result(timeout=30), TopK)
+    batcher.close()
+    assert batcher.images == 25
+    assert batcher.sizes[8] >= 2, batcher.sizes
+    assert batcher.batches <= 5, batcher.sizes
+    assert batcher.sizes[1] <= 2, batcher.sizes  # the first, perhaps the last

@@ -1,6 +1,8 @@
 """Dynamic batching across tasks: one batcher per model collects decoded images from
 all the tasks running in a worker and calls the model on up to ``max_batch_size``
-of them at once, as soon as it has that many or ``max_delay`` after the first.
+of them at once, as soon as it has that many, or ``max_delay`` after the first once
+the model is free: while the model runs a batch, a partial next batch keeps filling
+(images that come one task at a time would otherwise make every other batch small).
 
 Tasks decode their images in other threads while the model runs, so the model
 never waits for input that is ready (Pillow and TensorFlow release the GIL). Two
@@ -11,6 +13,7 @@ model on the current one; at most one staged batch waits between them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -26,6 +29,10 @@ from workers import metrics
 from workers.classifier import Classifier, Staged
 
 log = logging.getLogger(__name__)
+
+# Put in the queue when the model thread runs out of work, to wake a gathering that
+# waits for the model to be free (never given to the model).
+_WAKE = object()
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,7 @@ class DynamicBatcher:
         self.max_delay = max_delay
         # Bounds the decoded images waiting for the model (memory), whatever the
         # number of tasks running: submit() blocks while it is full.
-        self._queue: queue.Queue[_Item | None] = queue.Queue(
+        self._queue: queue.Queue[_Item | object | None] = queue.Queue(
             maxsize=max_pending or 4 * self.max_batch_size
         )
         # Staged batches waiting for the model: one, so that staging runs one batch
@@ -80,6 +87,9 @@ class DynamicBatcher:
         self._ready: queue.Queue[tuple[list[_Item], Staged | Exception] | None] = queue.Queue(
             maxsize=1
         )
+        # Set while the model thread has no staged batch to run.
+        self._model_idle = threading.Event()
+        self._model_idle.set()
         self._closed = False
         self.batches = 0
         self.images = 0
@@ -145,7 +155,9 @@ class DynamicBatcher:
 
     # -- the batching thread -----------------------------------------------------------
     def _gather(self, first: _Item) -> tuple[list[_Item], bool]:
-        """Up to max_batch_size items: what is queued now, then what comes before the deadline."""
+        """Up to max_batch_size items: what is queued now, then what comes before the
+        deadline, and after it, for as long as the model is still busy with the batch
+        before (a partial batch staged then would run no sooner, only smaller)."""
         items = [first]
         deadline = time.monotonic() + self.max_delay
         stop = False
@@ -154,15 +166,21 @@ class DynamicBatcher:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 and self._model_idle.is_set():
                     break
                 try:
-                    item = self._queue.get(timeout=left)
+                    # Past the deadline: until an item comes or the model wakes us.
+                    item = self._queue.get(timeout=left if left > 0 else None)
                 except queue.Empty:
-                    break
+                    if self._model_idle.is_set():
+                        break
+                    continue
             if item is None:
                 stop = True
                 break
+            if item is _WAKE:
+                continue
+            assert isinstance(item, _Item)
             items.append(item)
         return items, stop
 
@@ -173,6 +191,9 @@ class DynamicBatcher:
                 first = self._queue.get()
                 if first is None:
                     return
+                if first is _WAKE:
+                    continue
+                assert isinstance(first, _Item)
                 items, stop = self._gather(first)
                 items = self._without_skipped(items)
                 if items:
@@ -190,7 +211,16 @@ class DynamicBatcher:
     def _run_model(self) -> None:
         """Run the model on each staged batch, in order."""
         while True:
-            ready = self._ready.get()
+            try:
+                ready = self._ready.get_nowait()
+            except queue.Empty:
+                self._model_idle.set()
+                # A gathering that waits for the model to be free ends now (where the
+                # queue is full, the batch being gathered fills without it).
+                with contextlib.suppress(queue.Full):
+                    self._queue.put_nowait(_WAKE)
+                ready = self._ready.get()
+            self._model_idle.clear()
             if ready is None:
                 return
             self._execute(*ready)

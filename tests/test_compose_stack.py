@@ -50,9 +50,13 @@ pytestmark = [
 
 MODEL = "tdeploy"
 # Chunks of two images, each batch waiting 250 ms for company (the test override):
-# a worker does about 16 images a second, so this job lasts about a minute with
-# two workers, long enough to scale to three and kill one while it runs (about
-# 1,800 of 2,400 images were still pending at the kill here).
+# a worker does about 16 images a second, so this job lasts about 50 s with two
+# workers. The third worker is started as soon as the first result is in and comes
+# online within seconds; the job must still have work for it then, and again at the
+# kill (figures: pending_when_third_online, killed_with_pending). Every image differs
+# (the result cache computes an image's bytes once: 200 colours made a job of 1,600
+# mostly cache hits, over before a third worker could join). The Sentinel job
+# reuses the first 800, cached by then: its subject is the queue across a failover.
 JOB_IMAGES = 1600
 SENTINEL_IMAGES = 800
 CHUNK = 2
@@ -105,7 +109,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     images = base / "images"
     images.mkdir()
     for i in range(JOB_IMAGES):
-        Image.new("RGB", (64, 48), (i % 200, (7 * i) % 200, 90)).save(
+        Image.new("RGB", (64, 48), (i % 250, i // 250, 90)).save(
             images / f"img{i:04d}.jpg", quality=85
         )
     (images / "sentinel.txt").write_text(
@@ -240,28 +244,50 @@ def test_job_survives_scaling_and_a_worker_killed_mid_job(
     )
     wait_for(lambda: row_count(results, job.job_id) > 0, 300, "the first result", interval=0.2)
     figures["up_to_first_result_seconds"] = round(time.monotonic() - start, 1)
+    # The warm-up traces every batch size on purpose; TensorFlow must not warn about it.
+    start_logs = stack.run("logs", "--no-color", "worker-resnet").stdout
+    assert "warmed up" in start_logs and "retracing" not in start_logs
+
+    # A third worker joins while the job runs (started now: it takes tens of seconds
+    # to load its model, and the job does not wait for it).
+    before = set(stack.containers("worker-resnet"))
+    assert len(before) == 2
+    scaled_at = time.monotonic()
+    stack.run("up", "-d", "--scale", "worker-resnet=3", "--no-recreate", "worker-resnet")
+    (third,) = set(stack.containers("worker-resnet")) - before
 
     # Flower: the API asks for the login, and lists the job's tasks with it.
     flower = flower_of(stack)
     anonymous = httpx.get(flower.url + "/api/tasks", timeout=10)
     assert anonymous.status_code == 401
     wait_for(lambda: len(flower.job_tasks(job.job_id)) > 0, 60, "Flower to see the job")
-    wait_for(lambda: len(flower.online_workers()) == 2, 120, "Flower to see two workers")
-    # The warm-up traces every batch size on purpose; TensorFlow must not warn about it.
-    start_logs = stack.run("logs", "--no-color", "worker-resnet").stdout
-    assert "warmed up" in start_logs and "retracing" not in start_logs
 
-    # A third worker joins while the job runs, and takes some of its tasks.
-    before = flower.online_workers()
-    stack.run("up", "-d", "--scale", "worker-resnet=3", "--no-recreate", "worker-resnet")
-    assert len(stack.containers("worker-resnet")) == 3
-    wait_for(lambda: len(flower.online_workers()) == 3, 180, "a third worker online")
-    (newcomer,) = flower.online_workers() - before
+    def newcomer() -> str | None:
+        """The third worker's node name, once Flower sees it online."""
+        # A container's hostname is its short id: celery@<12 hex digits>.
+        return next(
+            (n for n in flower.online_workers() if third.startswith(n.rpartition("@")[2])), None
+        )
+
+    wait_for(lambda: newcomer() is not None, 180, "the third worker online")
+    node_name = newcomer()
+    assert node_name is not None
+    figures["third_online_seconds"] = round(time.monotonic() - scaled_at, 1)
+    pending = job.status().models[MODEL].pending
+    figures["pending_when_third_online"] = pending
+    assert pending > 0, "the job ended before the third worker came online"
+    assert len(flower.online_workers()) == 3
 
     def worked_on_job(node: str) -> bool:
         return any(t.get("worker") == node for t in flower.job_tasks(job.job_id).values())
 
-    wait_for(lambda: worked_on_job(newcomer), 120, "the third worker to take tasks of the job")
+    # It takes some of the job's tasks: or the job ended first, which says it was too short.
+    wait_for(
+        lambda: worked_on_job(node_name) or job.status().finished,
+        120,
+        "the third worker to take tasks of the job",
+    )
+    assert worked_on_job(node_name), f"the third worker took none of the {pending} pending images"
     assert not job.status().finished, "the job ended before a worker could be killed"
 
     # docker kill (SIGKILL) one worker while it runs a task of the job.

@@ -9,7 +9,7 @@ import base64
 import json
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -145,6 +145,64 @@ def test_restore_does_what_kombus_restore_does(broker: BrokerRedis) -> None:
     first = deliver(broker, queue)
     restore_delivery(channel, r, first.delivery_tag)
     assert deliver(broker, queue).headers["id"] == "job-r.m.000001"
+
+
+class _BusyFleet:
+    """A client on which, between the restore's read of its entry and its move, the
+    rest of the fleet works: ``between`` runs right after that read."""
+
+    def __init__(self, client: redis.Redis, between: Any) -> None:
+        self._client = client
+        self._between = between
+
+    def as_client(self) -> redis.Redis:
+        return cast(redis.Redis, self)
+
+    def hget(self, name: str, key: str) -> Any:
+        value = self._client.hget(name, key)
+        if name == UNACKED_KEY:
+            self._between()
+        return value
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+def test_other_deliveries_and_acks_do_not_abort_a_restore(broker: BrokerRedis) -> None:
+    """The restore is a compare-and-swap of its own entry: a fleet that takes and
+    acknowledges other tasks meanwhile (every few milliseconds on a busy queue) does
+    not make it fail, where a WATCH on the whole unacked hash would."""
+    r = broker.client
+    queue = f"imgq.w{uuid.uuid4().hex[:6]}"
+    for i in range(4):
+        send(broker, queue, f"job-w.m.{i:06d}")
+    lost = deliver(broker, queue)
+    other = deliver(broker, queue)
+
+    def fleet_at_work() -> None:
+        other.ack()  # an acknowledgement
+        deliver(broker, queue)  # a delivery
+
+    moved = restore_delivery(
+        broker.channel, _BusyFleet(r, fleet_at_work).as_client(), lost.delivery_tag
+    )
+    assert task_id_of_unacked(moved or b"") == "job-w.m.000000"
+    assert not r.hexists(UNACKED_KEY, lost.delivery_tag)
+    assert queued_task_ids(r, queue_lists(queue)) == {"job-w.m.000000", "job-w.m.000003"}
+
+
+def test_a_delivery_acknowledged_during_its_restore_is_not_pushed(broker: BrokerRedis) -> None:
+    """Its own entry changed between the read and the move (the worker finished it):
+    nothing goes back on the queue, so the task does not run twice."""
+    r = broker.client
+    queue = f"imgq.a{uuid.uuid4().hex[:6]}"
+    send(broker, queue, "job-a.m.000000")
+    finished = deliver(broker, queue)
+    moved = restore_delivery(
+        broker.channel, _BusyFleet(r, finished.ack).as_client(), finished.delivery_tag
+    )
+    assert moved is None
+    assert not queued_task_ids(r, queue_lists(queue))
 
 
 def test_purge_takes_one_jobs_messages_and_keeps_the_order(broker: BrokerRedis) -> None:

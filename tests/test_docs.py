@@ -56,3 +56,44 @@ def test_readme_exit_codes_are_the_cli_exit_codes() -> None:
     rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")]
     codes = sorted(v for k, v in vars(cli_common).items() if k.startswith("EXIT_"))
     assert [int(c) for c in rows if c.isdigit()] == [0, *codes]
+
+
+PLACEHOLDERS = {"job_id": "<job>", "tid": "<task>", "name": "<name>", "worker_id": "<worker>"}
+
+
+def imgq_keys() -> dict[str, str]:
+    """Every key ``shared.keys`` names, with placeholders for its variable parts."""
+    import inspect
+
+    from shared import keys
+
+    found: dict[str, str] = {}
+    for attr, value in vars(keys).items():
+        if attr.startswith("_") or getattr(value, "__module__", keys.__name__) != keys.__name__:
+            continue
+        if inspect.isfunction(value):
+            params = list(inspect.signature(value).parameters)
+            key = value(*(PLACEHOLDERS[p] for p in params))
+            if isinstance(key, str):
+                found[attr] = key
+        elif isinstance(value, str) and value.startswith(keys.PREFIX) and not value.endswith(":"):
+            found[attr] = value
+    return found
+
+
+def test_the_key_inventory_names_every_imgq_key() -> None:
+    """docs/operations.md's table of Redis keys lists each key shared/keys.py builds
+    (a key of a family by its last part, as in "`imgq:task:<task>:attempts`, `:inflight`")."""
+    rows = [
+        line
+        for line in (ROOT / "docs" / "operations.md").read_text(encoding="utf-8").splitlines()
+        if line.startswith("| `")
+    ]
+    keys = imgq_keys()
+    assert len(keys) >= 25 and "job_done" in keys and "HELD" in keys
+    missing = []
+    for attr, key in sorted(keys.items()):
+        base, _, last = key.rpartition(":")
+        if not any(f"`{key}`" in row or (base in row and f"`:{last}`" in row) for row in rows):
+            missing.append(f"{attr} ({key})")
+    assert not missing, f"not in the key inventory of docs/operations.md: {missing}"

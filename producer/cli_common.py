@@ -31,7 +31,7 @@ from producer.sources import SourceError, missing_sources
 from shared.defaults import bounds_of, default_of
 from shared.devices import check_gpu_id
 from shared.jobctl import JobFinishedError, check_name, state_of
-from shared.jobs import JobError, JobStatus, check_job_id
+from shared.jobs import JobError, JobStatus, ListingCancelled, check_job_id
 from shared.notify import NotifyError
 from shared.registry import ModelSpec, RegistryError, get_model
 from shared.results_store import ResultsStoreError
@@ -144,7 +144,7 @@ def user_errors(*, unknown_job: int = EXIT_ERROR) -> Iterator[None]:
         yield
     except SettingsError as exc:
         raise BadUsage(str(exc)) from exc
-    except JobCancelledError as exc:  # while waiting: someone cancelled the job
+    except (JobCancelledError, ListingCancelled) as exc:  # someone cancelled the job
         raise JobWasCancelled(str(exc)) from exc
     except JobTimeout as exc:
         raise WaitTimedOut(str(exc)) from exc

@@ -102,6 +102,10 @@ class ListingStopped(JobError):
     given up (its lister's lease lapsed)."""
 
 
+class ListingCancelled(ListingStopped):
+    """A job's listing cannot go on because the job was cancelled meanwhile."""
+
+
 def new_job_id() -> str:
     """A readable, unique job id: UTC time plus random hex."""
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
@@ -381,7 +385,7 @@ class JobStore:
             )
         )
         if done == -2:
-            raise ListingStopped(f"job {job_id} was cancelled while its sources were listed")
+            raise ListingCancelled(f"job {job_id} was cancelled while its sources were listed")
         if done < 0:
             raise ListingStopped(
                 f"job {job_id} is no longer being listed (deleted, expired or given up)"

@@ -16,7 +16,7 @@ from producer.api import Client, JobCancelledError
 from producer.sources import SourceError
 from shared import keys
 from shared.jobctl import JobState, cancel_job, state_of
-from shared.jobs import ListingStopped, task_id
+from shared.jobs import ListingCancelled, task_id
 from shared.kombu_redis import queued_task_ids
 from shared.priority import queue_lists
 from shared.registry import queue_for
@@ -148,7 +148,7 @@ def test_a_job_cancelled_while_it_is_listed_stops_its_listing(client: Client) ->
         cancel_job(client.store, client.broker.client, job_id)
         yield from refs(400, 12)  # never recorded
 
-    with pytest.raises(ListingStopped, match="cancelled while its sources were listed"):
+    with pytest.raises(ListingCancelled, match="cancelled while its sources were listed"):
         client.submit(sources(), models=[MODEL], job_id=job_id)
     record = client.store.get(job_id)
     assert record.cancelled is not None and record.n_chunks <= 3

@@ -283,6 +283,43 @@ def test_cancel_in_slices_keeps_the_others_in_order(
     after.cancel()
 
 
+def test_a_submit_cancelled_while_it_lists_exits_5_like_a_cancelled_wait(
+    client: Client, env: dict[str, str], tmp_path: Path
+) -> None:
+    """The manifest is a pipe the test writes: the job exists, is cancelled, and only
+    then does its listing go on; the submit stops with the cancel's exit code (5), not
+    as a failure (1)."""
+    import subprocess
+    import sys
+
+    manifest = tmp_path / "manifest"
+    os.mkfifo(manifest)
+    job_id = "jobctl-cancel-listing"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "producer.cli", "submit", f"@{manifest}", "--model", "jca",
+         "--job-id", job_id, "--wait", "--no-progress"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        with open(manifest, "w", encoding="utf-8") as pipe:
+            pipe.write("".join(f"/nowhere/img{i:03d}.jpg\n" for i in range(8)))
+            pipe.flush()
+            deadline = time.monotonic() + 60
+            while not client.store.client.exists(f"imgq:job:{job_id}"):
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.05)
+            client.cancel(job_id)
+            pipe.write("".join(f"/nowhere/img{i:03d}.jpg\n" for i in range(8, 40)))
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 5, err
+    assert err.strip().splitlines()[-1] == (
+        f"Error: job {job_id} was cancelled while its sources were listed"
+    )
+    assert client.store.get(job_id).cancelled is not None
+
+
 def test_submit_wait_stops_when_the_job_is_cancelled(client: Client, env: dict[str, str]) -> None:
     import subprocess
     import sys

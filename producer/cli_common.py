@@ -30,6 +30,7 @@ from producer.s3_output import S3Writer, check_s3_out
 from producer.sources import SourceError, missing_sources
 from shared.defaults import bounds_of, default_of
 from shared.devices import check_gpu_id
+from shared.heads import HeadNameError
 from shared.jobctl import JobFinishedError, check_name, state_of
 from shared.jobs import JobError, JobStatus, ListingCancelled, check_job_id
 from shared.notify import NotifyError
@@ -150,6 +151,8 @@ def user_errors(*, unknown_job: int = EXIT_ERROR) -> Iterator[None]:
         raise WaitTimedOut(str(exc)) from exc
     except JobFinishedError as exc:
         raise JobAlreadyFinished(str(exc)) from exc
+    except HeadNameError as exc:  # not a model name or NAME@VERSION
+        raise BadUsage(str(exc)) from exc
     except JobError as exc:
         if unknown_job == EXIT_NO_SUCH_JOB:
             raise NoSuchJob(str(exc)) from exc

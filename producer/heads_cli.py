@@ -13,13 +13,14 @@ from typing import Any
 import click
 
 from producer.api import Client
-from producer.cli_common import no_progress_option, plural, timeout_option
+from producer.cli_common import BadUsage, no_progress_option, plural, timeout_option
 
 
-def _training_errors() -> Any:
-    from producer.training import TrainingError
+def _training_errors() -> tuple[Any, Any]:
+    """(TrainingUsageError, TrainingError), imported when a command needs them."""
+    from producer.training import TrainingError, TrainingUsageError
 
-    return TrainingError
+    return TrainingUsageError, TrainingError
 
 
 def add_head_commands(
@@ -89,7 +90,9 @@ def add_head_commands(
                     timeout=timeout,
                     on_job=lambda jid: click.echo(f"computing the vectors: job {jid}", err=True),
                 )
-            except _training_errors() as exc:
+            except _training_errors()[0] as exc:  # the command line names the wrong thing
+                raise BadUsage(str(exc)) from exc
+            except _training_errors()[1] as exc:
                 raise click.ClickException(str(exc)) from exc
         for item in outcome.left_out:
             click.echo(

@@ -17,6 +17,7 @@ from producer.api import Client
 from producer.training import (
     FitResult,
     TrainingError,
+    TrainingUsageError,
     check_labels,
     fit_head,
     read_training_set,
@@ -64,19 +65,19 @@ def _check_names(client: Client, name: str, base: str) -> str:
     try:
         check_head_name(name)
     except HeadError as exc:
-        raise TrainingError(f"--name: {exc}") from None
+        raise TrainingUsageError(f"--name: {exc}") from None
     registry = client.registry()
     if name in registry:
-        raise TrainingError(
+        raise TrainingUsageError(
             f"--name {name!r} is a model of the registry already: choose another name"
         )
     try:
         spec = get_model(registry, base)
     except RegistryError as exc:
-        raise TrainingError(f"--base: {exc}") from None
+        raise TrainingUsageError(f"--base: {exc}") from None
     if not spec.is_embedding:
         embedding = sorted(n for n, s in registry.items() if s.is_embedding)
-        raise TrainingError(
+        raise TrainingUsageError(
             f"--base {base!r} is a classifier: a head is trained on an embedding model's "
             f"vectors ({', '.join(embedding) or 'none is registered'})"
         )

@@ -73,6 +73,10 @@ class TrainingError(Exception):
     """One line for the user; no model is saved."""
 
 
+class TrainingUsageError(TrainingError):
+    """The command names what cannot be trained on or as (a usage error, exit 2)."""
+
+
 @dataclass(frozen=True)
 class TrainingSet:
     """The images to train on and their labels, in the same order."""
@@ -109,7 +113,7 @@ def read_training_set(data: str) -> TrainingSet:
     opened here: one that cannot be read fails when it is embedded."""
     path = Path(data).expanduser()
     if not path.exists():
-        raise TrainingError(f"no such file or folder: {data!r}")
+        raise TrainingUsageError(f"no such file or folder: {data!r}")
     if path.is_dir():
         return _read_folder(data, path)
     if path.suffix.lower() in MANIFEST_SUFFIXES:

@@ -46,10 +46,14 @@ class HeadError(ValueError):
     """A head that does not exist, or a bad name or reference; one line for the user."""
 
 
+class HeadNameError(HeadError):
+    """A string that cannot name a head or one of its versions (a usage error)."""
+
+
 def check_head_name(name: str) -> str:
     """``name`` when it can name a head (1-64 letters, digits, '-' or '_'), else HeadError."""
     if not HEAD_NAME_RE.match(name):
-        raise HeadError(
+        raise HeadNameError(
             f"model name {name!r}: 1-64 letters, digits, '-' or '_', starting with a letter "
             "or digit"
         )
@@ -60,7 +64,7 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     """(name, version) of ``NAME`` (version None: the latest) or ``NAME@V``; HeadError."""
     match = _REF_RE.match(ref)
     if match is None:
-        raise HeadError(f"{ref!r} is not a model name or NAME@VERSION")
+        raise HeadNameError(f"{ref!r} is not a model name or NAME@VERSION")
     version = match.group("version")
     return match.group("name"), int(version) if version else None
 

@@ -95,11 +95,17 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two images (never decoded here), a models file with a model no worker serves."""
     path = tmp_path_factory.mktemp("cli-errors")
     (path / "models.toml").write_text(
-        '[models.ce]\nhandle = "/nowhere/ce"\nlabels = "imagenet1k"\n', encoding="utf-8"
+        '[models.ce]\nhandle = "/nowhere/ce"\nlabels = "imagenet1k"\n\n'
+        '[models.cemb]\nkind = "embedding"\nhandle = "/nowhere/cemb"\n',
+        encoding="utf-8",
     )
     for name in ("a.jpg", "b.jpg"):
         (path / name).write_bytes(b"not decoded here")
     (path / "a-file").write_text("x", encoding="utf-8")
+    for label in ("cat", "dog"):  # a training set: two labels of two images
+        (path / "train" / label).mkdir(parents=True)
+        for name in ("1.jpg", "2.jpg"):
+            (path / "train" / label / name).write_bytes(b"not decoded here")
     (path / "list.txt").write_text("a.jpg\n", encoding="utf-8")
     (path / "nocol.csv").write_text("id,name\n1,a.jpg\n", encoding="utf-8")
     return path
@@ -217,7 +223,32 @@ def bad_options(folder: Path) -> list[tuple[list[str], str]]:
         (["metrics", "-m", "nosuchmodel"], "nosuchmodel"),
         (["status", JOB, "--jsn"], "--jsn"),
         (["delete", JOB, "--force"], "--force"),
-    ]
+        (["cancel"], "JOB_ID"),
+        (["workers", "--jsn"], "--jsn"),
+        (["models", "--jsn"], "--jsn"),
+        (["models", "delete"], "MODEL"),
+        (["models", "delete", "bad name@x"], "NAME@VERSION"),
+        (["train", str(folder), "--base", "cemb"], "--name"),
+        (["train", str(folder), "--name", "mine"], "--base"),
+        (["train", str(folder), "--base", "cemb", "--name", "bad@name"], "--name"),
+        (["train", str(folder), "--base", "cemb", "--name", "ce"], "--name"),
+        (["train", str(folder), "--base", "nosuchmodel", "--name", "mine"], "nosuchmodel"),
+        (["train", str(folder), "--base", "ce", "--name", "mine"], "is a classifier"),
+        (["train", str(folder / "nope"), "--base", "cemb", "--name", "mine"], "no such file"),
+        (["train", str(folder), "--base", "cemb", "--name", "mine", "--val-fraction", "0.9"],
+         "--val-fraction"),
+        (["train", str(folder), "--base", "cemb", "--name", "mine", "--timeout", "0"],
+         "--timeout"),
+        (["train", str(folder), "--base", "cemb", "--name", "mine", "--report",
+          str(folder / "nope" / "r.html")], "--report"),
+        (["export", "mine@1"], "--out"),
+        (["export", "bad name@x", "--out", str(folder / "exp")], "NAME@VERSION"),
+        (["similar", img], "--job"),
+        (["similar", img, "--job", JOB, "-k", "0"], "-k"),
+        (["duplicates", JOB, "--threshold", "2"], "--threshold"),
+        (["duplicates", JOB, "-k", "0"], "-k"),
+        (["cache", "purge", "--modle", "cemb"], "--modle"),
+    ]  # fmt: skip
 
 
 def test_every_bad_option_is_one_line_and_exit_2(
@@ -264,7 +295,17 @@ def commands(folder: Path) -> list[list[str]]:
         ["models"],
         ["metrics"],
         ["workers"],
+        ["train", str(folder / "train"), "--base", "cemb", "--name", "mine"],
+        ["export", "mine@1", "--out", str(folder / "exp")],
+        ["similar", img, "--job", JOB],
+        ["duplicates", JOB],
+        ["cache", "purge"],
     ]
+
+
+# With the Redis results store (this module's), these refuse before any Redis is
+# asked: an embedding model's vectors and the result cache live in PostgreSQL.
+NEEDS_POSTGRESQL = ("train", "cache")
 
 
 def test_imgq_alone_shows_the_help(env: dict[str, str]) -> None:
@@ -315,7 +356,9 @@ def test_broker_url_without_scheme_or_a_bad_database(
         (f"{base}/99", ("IMGQ_BROKER_URL", "DB index")),
     ):
         for args in commands(folder):
-            if args[0] == "models" or (url.endswith("/99") and args[0] == "metrics"):
+            if args[0] in (*NEEDS_POSTGRESQL, "models") or (
+                url.endswith("/99") and args[0] == "metrics"
+            ):
                 continue  # models reads no Redis; metrics reports Redis down per scrape
             result = invoke(args, env, IMGQ_BROKER_URL=url)
             try:
@@ -330,7 +373,7 @@ def test_unreachable_redis_is_one_line_and_exit_1(env: dict[str, str], folder: P
     down = f"redis://127.0.0.1:{free_port()}/0"
     failures = []
     for args in commands(folder):
-        if args[0] in ("models", "metrics", "worker", "run"):
+        if args[0] in (*NEEDS_POSTGRESQL, "models", "metrics", "worker", "run"):
             continue  # no Redis needed; serves anyway; waits for Redis; starts one of its own
         result = invoke(args, env, IMGQ_BROKER_URL=down)
         try:

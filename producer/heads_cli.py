@@ -16,13 +16,6 @@ from producer.api import Client
 from producer.cli_common import BadUsage, no_progress_option, plural, timeout_option
 
 
-def _training_errors() -> tuple[Any, Any]:
-    """(TrainingUsageError, TrainingError), imported when a command needs them."""
-    from producer.training import TrainingError, TrainingUsageError
-
-    return TrainingUsageError, TrainingError
-
-
 def add_head_commands(
     main: click.Group, *, user_errors: Callable[..., AbstractContextManager[None]]
 ) -> None:
@@ -70,7 +63,12 @@ def add_head_commands(
         `imgq submit --model NAME` then uses like any model.
         """
         from producer.own_labels import train_model
-        from producer.training import format_metrics, write_report
+        from producer.training import (
+            TrainingError,
+            TrainingUsageError,
+            format_metrics,
+            write_report,
+        )
 
         if report_path is not None and report_path.parent and not report_path.parent.is_dir():
             raise click.BadParameter(
@@ -90,9 +88,9 @@ def add_head_commands(
                     timeout=timeout,
                     on_job=lambda jid: click.echo(f"computing the vectors: job {jid}", err=True),
                 )
-            except _training_errors()[0] as exc:  # the command line names the wrong thing
+            except TrainingUsageError as exc:  # the command line names the wrong thing
                 raise BadUsage(str(exc)) from exc
-            except _training_errors()[1] as exc:
+            except TrainingError as exc:
                 raise click.ClickException(str(exc)) from exc
         for item in outcome.left_out:
             click.echo(

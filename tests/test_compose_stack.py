@@ -337,6 +337,28 @@ def test_prometheus_scrapes_the_workers(stack: Compose) -> None:
     assert classified and float(classified[0]["value"][1]) > 0
 
 
+def sentinels_know_the_replica(stack: Compose) -> bool:
+    """Every sentinel lists the replica, linked to its master and not down."""
+    for name in ("sentinel-1", "sentinel-2", "sentinel-3"):
+        containers = stack.containers(name)
+        if not containers:
+            return False
+        for container in containers:
+            out = docker(
+                "exec", container, "redis-cli", "-p", "26379", "SENTINEL", "replicas", "mymaster",
+                check=False,
+            ).stdout.split()  # fmt: skip
+            fields = dict(zip(out[::2], out[1::2], strict=False))
+            flags = fields.get("flags", "")
+            if (
+                fields.get("master-link-status") != "ok"
+                or "s_down" in flags
+                or "disconnected" in flags
+            ):
+                return False
+    return True
+
+
 def test_sentinel_layout_survives_its_master_killed_mid_job(
     stack: Compose, figures: dict[str, Any]
 ) -> None:
@@ -348,6 +370,10 @@ def test_sentinel_layout_survives_its_master_killed_mid_job(
         "sentinel-1", "sentinel-2", "sentinel-3", "worker-resnet",
         files=SENTINEL, timeout=600,
     )  # fmt: skip
+    # A sentinel learns of the replica from the master's INFO, every 10 s: a master
+    # killed before that leaves no replica it would promote (failover-abort-no-good-
+    # slave, again each minute). So the job starts once every sentinel knows it.
+    wait_for(lambda: sentinels_know_the_replica(stack), 60, "the sentinels to see the replica")
     job_id = f"sentinel-{secrets.token_hex(4)}"
     producer = f"{stack.project}-producer"
     stack.run(

@@ -176,6 +176,12 @@ def flower_of(stack: Compose) -> Flower:
     )
 
 
+def short_id(node: str) -> str:
+    """The container of a worker's node name: its hostname, the short container id
+    (``celery@<12 hex digits>``)."""
+    return node.rpartition("@")[2]
+
+
 def pg_answers(url: str) -> bool:
     import psycopg
 
@@ -264,10 +270,7 @@ def test_job_survives_scaling_and_a_worker_killed_mid_job(
 
     def newcomer() -> str | None:
         """The third worker's node name, once Flower sees it online."""
-        # A container's hostname is its short id: celery@<12 hex digits>.
-        return next(
-            (n for n in flower.online_workers() if third.startswith(n.rpartition("@")[2])), None
-        )
+        return next((n for n in flower.online_workers() if third.startswith(short_id(n))), None)
 
     wait_for(lambda: newcomer() is not None, 180, "the third worker online")
     node_name = newcomer()
@@ -300,7 +303,7 @@ def test_job_survives_scaling_and_a_worker_killed_mid_job(
     wait_for(lambda: running_node() is not None, 60, "a task running on a worker")
     node = running_node()
     assert node is not None
-    container = node.rpartition("@")[2]  # a container's hostname is its short id
+    container = short_id(node)
     assert any(c.startswith(container) for c in stack.containers("worker-resnet")), node
     docker("kill", container)
     killed_at = job.status()

@@ -112,6 +112,8 @@ def test_tasks_go_to_the_list_of_their_priority(client: Client, env: dict[str, s
     # The name and the job id are in what Flower shows as the task's arguments.
     raw = json.loads(r.lindex(queue_for("jca") + "\x06\x169", 0))  # type: ignore[arg-type]
     assert raw["headers"]["argsrepr"].startswith(f"(job='{low.job_id}', name='low one', ")
+    # Once in each queued message, in its headers: not repeated in its properties.
+    assert "argsrepr" not in raw["properties"] and "kwargsrepr" not in raw["properties"]
     record = client.job(low.job_id).record
     assert (record.name, record.priority) == ("low one", 0)
     assert client.job(normal.job_id).record.priority == DEFAULT_PRIORITY

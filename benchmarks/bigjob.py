@@ -16,6 +16,10 @@ as a separate process, over TCP on the loopback. Printed:
 - ``redis_bytes_per_image``: Redis's ``used_memory`` after the submit minus before,
   per image, with its parts: the job's chunk list (``chunks_bytes_per_image``) and
   the queued messages (``queue_bytes_per_image``), each by ``MEMORY USAGE``;
+  ``message_bytes``: one queued task's message as kombu stores it;
+- ``list_compress_depth``: the Redis setting the run used (``--list-compress-depth``,
+  by default 1, as imgq's embedded Redis and the compose files set it; ``0 1`` runs
+  each size both ways, one after the other);
 - ``status_s``, ``jobs_s``, ``cancel_s``, ``delete_s``: ``imgq status``, ``jobs``,
   ``cancel``, ``delete`` on the queued job, each its own process;
 - ``first_result_s`` (unless ``--no-worker``): in a second run, with a worker of a
@@ -109,7 +113,13 @@ def memory_of(client: Any, pattern: str) -> int:
 
 
 def measure(
-    workdir: Path, models_file: Path, n: int, pg: str | None, with_worker: bool, chunk_size: int
+    workdir: Path,
+    models_file: Path,
+    n: int,
+    pg: str | None,
+    with_worker: bool,
+    chunk_size: int,
+    depth: int = 1,
 ) -> dict[str, Any]:
     from producer.embedded import EmbeddedRedis, EmbeddedWorker
 
@@ -119,9 +129,11 @@ def measure(
         "images": n,
         "chunk_size": chunk_size,
         "store": "postgresql" if pg else "redis",
+        "list_compress_depth": depth,
     }
     server = EmbeddedRedis(None, port=free_port(), appendonly=False).start()
     try:
+        server.client().config_set("list-compress-depth", depth)
         env = {k: v for k, v in os.environ.items() if not k.startswith("IMGQ_")}
         env.update(
             IMGQ_BROKER_URL=server.url,
@@ -145,6 +157,9 @@ def measure(
             "redis_bytes_per_image": round((after - before) / n, 1),
             "chunks_bytes_per_image": round(memory_of(client, f"imgq:job:{job_id}:chunks") / n, 1),
             "queue_bytes_per_image": round(memory_of(client, f"imgq.{MODEL}*") / n, 1),
+            "message_bytes": len(
+                next(client.lindex(k, 0) for k in client.scan_iter(f"imgq.{MODEL}*"))
+            ),
         }
         for name, args in (
             ("status_s", ("status", job_id)),
@@ -200,6 +215,13 @@ def main() -> None:
     parser.add_argument("--no-worker", action="store_true", help="skip first_result_s")
     parser.add_argument("--workdir", type=Path, default=None, help="keeps the manifests")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--list-compress-depth",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="Redis's list-compress-depth for the run (0 1: both, side by side)",
+    )
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="imgq-bigjob-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -208,9 +230,12 @@ def main() -> None:
     models_file = models_toml(workdir)
     results = []
     for n in args.sizes:
-        row = measure(workdir, models_file, n, args.pg, not args.no_worker, args.chunk_size)
-        print(json.dumps(row), flush=True)
-        results.append(row)
+        for depth in args.list_compress_depth:
+            row = measure(
+                workdir, models_file, n, args.pg, not args.no_worker, args.chunk_size, depth
+            )
+            print(json.dumps(row), flush=True)
+            results.append(row)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

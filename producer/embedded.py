@@ -135,6 +135,11 @@ class EmbeddedRedis:
             "everysec",
             "--logfile",
             str(self.directory / "redis.log"),
+            # Queues are lists pushed at one end and popped at the other: LZF-compress
+            # every node but the end ones (a queued task's message is mostly the same
+            # Celery headers as its neighbours'; docs/operations.md, "Sizing Redis").
+            "--list-compress-depth",
+            "1",
         ]
         self.proc = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent

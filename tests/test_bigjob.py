@@ -183,3 +183,22 @@ def test_workers_start_before_the_listing_ends(
     assert status.finished and status.images_total == 8
     assert {r.error.code.value for r in job.results() if r.error} == {"not_found"}
     real.delete(job_id)
+
+
+def test_queued_tasks_are_compressed_in_redis_and_still_cancelled_in_order(
+    client: Client,
+) -> None:
+    """The Redis that imgq starts compresses the inner nodes of its lists: 1,000
+    queued task messages take a fraction of their bytes, and the queue is read,
+    cancelled and emptied across compressed nodes like any other."""
+    r = client.broker.client
+    assert r.config_get("list-compress-depth")["list-compress-depth"] == "1"
+    job = client.submit(refs(4000), models=[MODEL], job_id="big-packed")
+    lists = [q for q in queue_lists(queue_for(MODEL)) if r.llen(q)]
+    raw = sum(len(m) for q in lists for m in r.lrange(q, 0, -1))
+    stored = sum(int(r.memory_usage(q, samples=0) or 0) for q in lists)
+    assert len(queued(client, job.job_id)) == 1000
+    assert stored < raw / 3, (stored, raw)
+    job.cancel()
+    assert queued(client, job.job_id) == set()
+    client.delete(job.job_id)

@@ -335,6 +335,8 @@ def test_redis_is_durable_password_protected_and_checked(
     assert str(redis["image"]).split(":")[0] == "redis"
     argv = argv_of(redis["command"])
     assert argv[argv.index("--appendonly") + 1] == "yes"
+    # Queued tasks compressed (docs/operations.md, "Sizing Redis").
+    assert argv[argv.index("--list-compress-depth") + 1] == "1"
     password = env_example["REDIS_PASSWORD"]
     assert argv[argv.index("--requirepass") + 1] == password
     test = argv_of(redis["healthcheck"]["test"])

@@ -39,6 +39,9 @@ def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]
     """A Redis whose maxmemory the tests change (noeviction, Redis' default policy)."""
     server = RedisServer(tmp_path_factory.mktemp("full-redis")).start()
     server.client().config_set("maxmemory-policy", "noeviction")
+    # Queues uncompressed (Redis's default): the tests size maxmemory's headroom by the
+    # task messages' own bytes.
+    server.client().config_set("list-compress-depth", 0)
     try:
         yield server
     finally:

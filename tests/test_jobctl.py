@@ -5,6 +5,7 @@ tests/test_jobctl_workers.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -303,15 +304,19 @@ def test_a_submit_cancelled_while_it_lists_exits_5_like_a_cancelled_wait(
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        with open(manifest, "w", encoding="utf-8") as pipe:
-            pipe.write("".join(f"/nowhere/img{i:03d}.jpg\n" for i in range(8)))
-            pipe.flush()
+        pipe = os.open(manifest, os.O_WRONLY)  # unbuffered: each write reaches the pipe
+        try:
+            os.write(pipe, "".join(f"/nowhere/img{i:03d}.jpg\n" for i in range(8)).encode())
             deadline = time.monotonic() + 60
             while not client.store.client.exists(f"imgq:job:{job_id}"):
                 assert time.monotonic() < deadline and proc.poll() is None
                 time.sleep(0.05)
             client.cancel(job_id)
-            pipe.write("".join(f"/nowhere/img{i:03d}.jpg\n" for i in range(8, 40)))
+            # The submit may see the cancel and stop listing before it reads this.
+            with contextlib.suppress(BrokenPipeError):
+                os.write(pipe, "".join(f"/nowhere/img{i:03d}.jpg\n" for i in range(8, 40)).encode())
+        finally:
+            os.close(pipe)  # the end of the listing, when the submit reads on
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()

@@ -38,7 +38,6 @@ from shared.registry import ModelSpec, RegistryError, get_model
 from shared.results_store import ResultsStoreError
 from shared.s3 import S3Error, is_s3_url
 from shared.settings import SettingsError
-from shared.vectors import VectorStoreError
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -134,6 +133,15 @@ def _broker_url() -> str:
     return str(maybe_sanitize_url(get_settings().broker_url))
 
 
+def _vector_store_error() -> type[Exception]:
+    """``shared.vectors``' error. Imported when an error reaches the clause that names it
+    (an except clause's types are evaluated then), not at every command's start:
+    ``shared.vectors`` brings NumPy."""
+    from shared.vectors import VectorStoreError
+
+    return VectorStoreError
+
+
 @contextmanager
 def user_errors(*, unknown_job: int = EXIT_ERROR) -> Iterator[None]:
     """Turn the errors a user can cause into one line on stderr and an exit code.
@@ -163,7 +171,7 @@ def user_errors(*, unknown_job: int = EXIT_ERROR) -> Iterator[None]:
         raise BadUsage(str(exc)) from exc
     except NotifyError as exc:  # a --notify URL imgq will not POST to
         raise BadUsage(str(exc)) from exc
-    except (ValueError, ResultsStoreError, S3Error, VectorStoreError) as exc:
+    except (ValueError, ResultsStoreError, S3Error, _vector_store_error()) as exc:
         raise click.ClickException(str(exc)) from exc
     except RedisFullError as exc:  # a submit into a full Redis: what to do, in one line
         raise click.ClickException(str(exc)) from exc

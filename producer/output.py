@@ -9,11 +9,12 @@ import csv
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import IO, Any, Literal, TextIO
-
-import numpy as np
+from typing import IO, TYPE_CHECKING, Any, Literal, TextIO
 
 from shared.schemas import ResultRecord
+
+if TYPE_CHECKING:
+    import numpy as np
 
 Format = Literal["jsonl", "csv", "parquet", "npy"]
 TOP_K = 5
@@ -143,6 +144,7 @@ def write_parquet(
 def _write_embeddings_parquet(
     records: Iterable[ResultRecord], path: str | Path | IO[bytes], dim: int
 ) -> int:
+    import numpy as np  # here: not at every `imgq` start
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -204,6 +206,7 @@ def write_npy(
     """Write ``n`` vectors of ``dim`` float32, arriving in batches of (names, matrix), as
     one ``.npy`` matrix (memory-mapped: never all in memory) and their names, in the
     same order, one a line in :func:`names_path`; how many rows."""
+    import numpy as np  # here: not at every `imgq` start
     from numpy.lib.format import open_memmap
 
     out = open_memmap(str(path), mode="w+", dtype=np.float32, shape=(n, dim))

@@ -31,12 +31,14 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import redis
 
 from shared import keys
+
+if TYPE_CHECKING:  # NumPy is imported where weights are used: not at every `imgq` start
+    import numpy as np
 
 HEAD_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _REF_RE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_-]{0,63})(?:@(?P<version>[1-9][0-9]*))?$")
@@ -76,6 +78,8 @@ def is_head_ref(model: str) -> bool:
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax in float32, stable for large logits."""
+    import numpy as np
+
     shifted = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(shifted)
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
@@ -151,6 +155,8 @@ class Head:
 
     def probabilities(self, vectors: np.ndarray) -> np.ndarray:
         """softmax(vectors @ weights + bias): (n, labels) float32 for (n, dim) vectors."""
+        import numpy as np
+
         x = np.asarray(vectors, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.info.dim:
             raise HeadError(
@@ -161,12 +167,16 @@ class Head:
 
 
 def _pack(weights: np.ndarray, bias: np.ndarray) -> bytes:
+    import numpy as np
+
     buf = io.BytesIO()
     np.savez(buf, weights=weights.astype(np.float32), bias=bias.astype(np.float32))
     return buf.getvalue()
 
 
 def _unpack(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
+    import numpy as np
+
     with np.load(io.BytesIO(raw), allow_pickle=False) as data:
         return data["weights"].astype(np.float32), data["bias"].astype(np.float32)
 
@@ -190,6 +200,8 @@ class HeadStore:
         metrics: dict[str, Any],
     ) -> HeadInfo:
         """Save the next version of ``name`` (1 for a new name); its info."""
+        import numpy as np
+
         check_head_name(name)
         w = np.asarray(weights, dtype=np.float32)
         b = np.asarray(bias, dtype=np.float32)

@@ -26,15 +26,17 @@ import threading
 import time
 import uuid
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import httpx
 import redis
 
 from shared import keys
 from shared.jobs import CallbackStatus, JobError, JobRecord, JobStatus, JobStore
 from shared.settings import Settings, get_settings
 from shared.urlguard import AddressRefused, ResolveError, public_addresses
+
+if TYPE_CHECKING:  # httpx is imported where a URL is read or a callback sent: not
+    import httpx  # at every `imgq` command's start
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,8 @@ class NotifyError(ValueError):
 
 def check_notify_url(url: str, *, allow_private: bool) -> str:
     """The URL when imgq may POST to it; a NotifyError saying why not."""
+    import httpx
+
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as exc:
@@ -511,6 +515,8 @@ class _Send:
                 self.halt.set()
 
     def _try_all(self) -> None:
+        import httpx
+
         tries = self.settings.notify_tries
         where = _where(self.url)
         if self.attempts >= tries:
@@ -618,6 +624,8 @@ class _Send:
 
 def _post_once(url: str, body: bytes, settings: Settings, delivery: str) -> int:
     """One POST; the HTTP status. The address is checked (and for http, pinned) each time."""
+    import httpx
+
     target = httpx.URL(url)
     headers = {
         "Content-Type": "application/json",
@@ -639,6 +647,8 @@ def _post_once(url: str, body: bytes, settings: Settings, delivery: str) -> int:
 
 def _where(url: str) -> str:
     """The URL without its query (which may hold a token), for logs."""
+    import httpx
+
     parsed = httpx.URL(url)
     return f"{parsed.scheme}://{parsed.netloc.decode('ascii')}{parsed.path}"
 

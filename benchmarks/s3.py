@@ -10,7 +10,8 @@ which on a small machine is most of it. Figures:
 
 1. objects/s fetched by one worker's decode threads (``--threads``, a worker's
    ``IMGQ_DECODE_THREADS``), for each client library installed: boto3 (imgq's),
-   obstore and s3fs, in alternating rounds;
+   obstore and s3fs, and for comparison a bare GET signed by botocore and sent by
+   urllib3, in alternating rounds; and each one's CPU per object (sequential GETs);
 2. images/s read and decoded through the worker's own reader
    (``workers.inputs.load_image``) from the bucket, against the same JPEGs as local
    files, in alternating rounds, and the ratio;
@@ -86,7 +87,42 @@ def fetchers(endpoint: str) -> dict[str, Callable[[str], bytes]]:
         out["s3fs"] = lambda k: fs.cat(f"{BUCKET}/{k}")
     except ImportError:
         print("s3fs not installed: left out")
+    out["signed-urllib3"] = signed_get(endpoint)
     return out
+
+
+def signed_get(endpoint: str) -> Callable[[str], bytes]:
+    """For comparison, the least a Python GET can do: botocore's SigV4 signature and
+    urllib3's connection pool, no redirect followed, nothing else (no retries, no
+    response parsing, no event hooks)."""
+    import botocore.auth
+    import botocore.awsrequest
+    import botocore.session
+    import urllib3
+
+    credentials = botocore.session.get_session().get_credentials()
+    pool = urllib3.PoolManager(maxsize=16, retries=False)
+
+    def get(key: str) -> bytes:
+        url = f"{endpoint}/{BUCKET}/{key}"
+        request = botocore.awsrequest.AWSRequest(method="GET", url=url)
+        signer = botocore.auth.S3SigV4Auth(credentials.get_frozen_credentials(), "s3", "us-east-1")
+        signer.add_auth(request)
+        response = pool.request("GET", url, headers=dict(request.headers.items()), redirect=False)
+        if response.status != 200:
+            raise RuntimeError(f"GET {key}: HTTP {response.status}")
+        return bytes(response.data)
+
+    return get
+
+
+def client_cpu_ms(fn: Callable[[str], Any], keys: list[str]) -> float:
+    """The client's CPU per object over sequential GETs, in milliseconds."""
+    fn(keys[0])
+    start = time.process_time()
+    for key in keys:
+        fn(key)
+    return (time.process_time() - start) / len(keys) * 1000
 
 
 def rate(fn: Callable[[str], Any], items: list[str], threads: int) -> float:
@@ -189,10 +225,15 @@ def main(argv: list[str] | None = None) -> int:
             order = list(libs.items()) if r % 2 == 0 else list(reversed(libs.items()))
             for name, fn in order:
                 per_lib[name].append(rate(fn, keys, args.threads))
+        cpu_ms: dict[str, list[float]] = {name: [] for name in libs}
+        for r in range(3):
+            for name, fn in list(libs.items()) if r % 2 == 0 else reversed(libs.items()):
+                cpu_ms[name].append(client_cpu_ms(fn, keys[:100]))
         for name, rates in per_lib.items():
             print(
-                f"1 fetch, {name:<8} {statistics.median(rates):7.0f} objects/s "
-                f"(rounds {', '.join(f'{x:.0f}' for x in rates)})"
+                f"1 fetch, {name:<14} {statistics.median(rates):7.0f} objects/s "
+                f"(rounds {', '.join(f'{x:.0f}' for x in rates)}); client CPU "
+                f"{statistics.median(cpu_ms[name]):.2f} ms per object (sequential GETs)"
             )
 
         # 2. fetch and decode against local files

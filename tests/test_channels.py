@@ -41,6 +41,27 @@ def test_broker_url_password_is_redacted(imgq_env: dict[str, str], tmp_path: Pat
     assert "s3cret" not in proc.stderr
 
 
+def test_a_worker_of_numpy_models_loads_no_tensorflow(
+    imgq_env: dict[str, str], tmp_path: Path
+) -> None:
+    worker = EmbeddedWorker(
+        ["tsolo"], imgq_env["IMGQ_BROKER_URL"], tmp_path / "w.log", base_env=imgq_env
+    ).start()
+    try:
+        worker.wait_ready(timeout=60)
+        assert worker.proc is not None
+        maps = Path(f"/proc/{worker.proc.pid}/maps").read_text()
+        assert "libtensorflow" not in maps and "_pywrap_tensorflow" not in maps
+        assert "runtime numpy, precision fp32" in worker.output()
+    finally:
+        worker.stop()
+    # Asked for a GPU, it refuses to start rather than run on the CPU.
+    gpu = {**imgq_env, "IMGQ_REQUIRE_GPU": "true"}
+    proc = run_cli(["worker", "--model", "tsolo"], gpu, timeout=60)
+    assert proc.returncode != 0
+    assert "this worker's models all run on the numpy runtime, on the CPU" in proc.stderr
+
+
 def test_a_worker_not_started_or_on_no_broker_is_not_ready(tmp_path: Path) -> None:
     worker = EmbeddedWorker(["tsolo"], "redis://127.0.0.1:1/0", tmp_path / "w.log")
     assert not worker.ready()  # never started

@@ -240,3 +240,73 @@ def test_uint8_batches_match_the_float32_path(
     np.testing.assert_allclose(got.scores, scores, rtol=0, atol=1e-6)
     with pytest.raises(TypeError, match="uint8"):
         clf.predict(to_unit(images))
+
+
+# -- the numpy runtime ---------------------------------------------------------------
+def linear_spec(handle: Path, *, input_size: int = 32, labels: str = "imagenet1k") -> ModelSpec:
+    return ModelSpec(
+        name="tlin",
+        handle=str(handle),
+        input_size=(input_size, input_size),
+        activation=Activation.SOFTMAX,
+        labels=labels,
+        runtime=RuntimeKind.NUMPY,
+    )
+
+
+def test_numpy_runtime_gives_the_tensorflow_models_answers(tmp_path: Path) -> None:
+    """The same linear model, saved for each runtime by the same seed, answers the same:
+    the numpy runtime's pooling is TensorFlow's area resize and its top-k TensorFlow's."""
+    from tests.savedmodels import build_linear
+
+    build_classifier(tmp_path / "tf", 1000, seed=5)
+    build_linear(tmp_path / "lin.npz", 1000, seed=5)
+    tf_spec = ModelSpec(
+        name="ttf",
+        handle=str(tmp_path / "tf"),
+        input_size=(32, 32),
+        activation=Activation.SOFTMAX,
+        labels="imagenet1k",
+    )
+    reference = Classifier(tf_spec, max_batch_size=8).load()
+    linear = Classifier(
+        linear_spec(tmp_path / "lin.npz"), max_batch_size=8, runtime=RuntimeKind.NUMPY
+    )
+    linear.load()
+    assert linear.backend is not None and linear.backend.name == "numpy"
+    assert linear.num_classes == 1000
+    images = random_images(11, seed=3)  # a full batch and a padded one
+    for batch in (images[:8], images[8:]):
+        got, want = linear.predict(batch), reference.predict(batch)
+        np.testing.assert_array_equal(got.indices, want.indices)
+        np.testing.assert_allclose(got.scores, want.scores, rtol=1e-4, atol=1e-6)
+
+
+def test_numpy_runtime_load_errors_say_what_is_wrong(tmp_path: Path) -> None:
+    from workers.runtimes.linear import save_linear
+
+    weights, bias = np.zeros((48, 1000), np.float32), np.zeros(1000, np.float32)
+    save_linear(tmp_path / "ok.npz", weights, bias, grid=4)
+    (tmp_path / "junk.npz").write_bytes(b"not a zip file")
+    cases = {
+        tmp_path / "missing.npz": "no linear model file at",
+        tmp_path / "saved_model_dir": "loads a linear model file (.npz",
+        tmp_path / "junk.npz": "is not a linear model file",
+    }
+    for handle, message in cases.items():
+        clf = Classifier(linear_spec(handle), max_batch_size=4, runtime=RuntimeKind.NUMPY)
+        with pytest.raises(ModelLoadError, match=r"runtime numpy\) could not be loaded") as err:
+            clf.load()
+        assert message in str(err.value)
+    odd = Classifier(linear_spec(tmp_path / "ok.npz", input_size=30), max_batch_size=4)
+    odd.runtime = RuntimeKind.NUMPY
+    with pytest.raises(ModelLoadError, match="grid \\(4\\) must divide the input size 30x30"):
+        odd.load()
+    seven = Classifier(
+        linear_spec(tmp_path / "ok.npz", labels="imagenet1k-background"), max_batch_size=4
+    )
+    seven.runtime = RuntimeKind.NUMPY
+    with pytest.raises(ModelLoadError, match="outputs 1000 classes but its label set"):
+        seven.load()
+    with pytest.raises(ValueError, match=r"weights must be \(12, outputs\)"):
+        save_linear(tmp_path / "bad.npz", weights, bias, grid=2)

@@ -75,6 +75,8 @@ def test_detect_reads_this_machine(tmp_path: Path) -> None:
         (Precision.FP32, RuntimeKind.TENSORFLOW, OLD, Precision.FP32),
         (Precision.BF16, RuntimeKind.OPENVINO, SPR, Precision.BF16),
         (Precision.FP16, RuntimeKind.TENSORFLOW, GPU, Precision.FP16),
+        (Precision.AUTO, RuntimeKind.NUMPY, SPR, Precision.FP32),  # NumPy: fp32 only
+        (Precision.AUTO, RuntimeKind.NUMPY, GPU, Precision.FP32),
     ],
 )
 def test_precision_resolution(
@@ -92,6 +94,7 @@ def test_precision_resolution(
         (Precision.FP16, RuntimeKind.TENSORFLOW, SPR, "no GPU; use bf16 or auto"),
         (Precision.FP16, RuntimeKind.TENSORFLOW, OLD, "use fp32 or auto"),
         (Precision.FP16, RuntimeKind.OPENVINO, GPU, "OpenVINO runs on the CPU"),
+        (Precision.BF16, RuntimeKind.NUMPY, SPR, "numpy runtime runs in fp32 only, not bf16"),
     ],
 )
 def test_precisions_the_device_cannot_run_are_refused(

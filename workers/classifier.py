@@ -145,6 +145,10 @@ class Classifier:
         try:
             self.backend = self._load_backend()
         except ModelLoadError as exc:
+            if self.runtime is RuntimeKind.NUMPY:  # a local file: TF Hub's advice is no help
+                raise ModelLoadError(
+                    f"model {self.spec.name!r} (runtime numpy) could not be loaded: {exc}"
+                ) from exc
             raise ModelLoadError(_load_message(self.spec, str(exc), self.hub_cache_dir)) from exc
         except Exception as exc:
             raise ModelLoadError(
@@ -155,6 +159,10 @@ class Classifier:
         return self
 
     def _load_backend(self) -> Backend:
+        if self.runtime is RuntimeKind.NUMPY:
+            from workers.runtimes.linear import LinearBackend
+
+            return LinearBackend(self.spec, top_k=self.top_k).load()
         if self.runtime is RuntimeKind.OPENVINO:
             from workers.runtimes.openvino import OpenVINOBackend, import_openvino
 

@@ -73,6 +73,21 @@ class Devices:
     compute_capability: tuple[int, int] | None  # the lowest of them; None without GPUs
 
 
+NO_GPU = Devices(names=(), labels=(), compute_capability=None)
+
+
+def no_tensorflow(settings: Settings, environ: Mapping[str, str] = os.environ) -> Devices:
+    """No GPUs, for a worker whose models all run in NumPy (TensorFlow is not even
+    imported); a GPUError when a GPU was asked for, as it would go unused."""
+    wanted = gpu_requested(settings, environ)
+    if wanted:
+        raise GpuError(
+            f"a GPU was asked for ({wanted}) and this worker's models all run on the "
+            "numpy runtime, on the CPU"
+        )
+    return NO_GPU
+
+
 def physical_labels(count: int, environ: Mapping[str, str] = os.environ) -> tuple[str, ...]:
     """The host's name of each of the first ``count`` GPUs TensorFlow numbers 0, 1, ...
 

@@ -108,6 +108,13 @@ def resolve_precision(
     (``IMGQ_JIT_COMPILE``) and which skips GPUs below compute capability 7.0: both
     are refused rather than run as fp32 under fp16's name.
     """
+    if runtime is RuntimeKind.NUMPY:
+        if requested in (Precision.AUTO, Precision.FP32):
+            return Precision.FP32
+        raise PrecisionError(
+            f"model {model!r}: the numpy runtime runs in fp32 only, not {requested.value}; "
+            "use precision fp32 or auto"
+        )
     on_gpu = runtime is RuntimeKind.TENSORFLOW and bool(hardware.gpus)
     if requested is Precision.AUTO:
         if on_gpu:

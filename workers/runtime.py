@@ -163,7 +163,10 @@ class Runtime:
         if any("://" in spec.handle for spec in specs):
             log.info("models from TF Hub are downloaded once into %s (TFHUB_CACHE_DIR)", cache)
         try:
-            devices = gpu.configure(settings)
+            if all((s.runtime or settings.runtime) is RuntimeKind.NUMPY for s in specs):
+                devices = gpu.no_tensorflow(settings)
+            else:
+                devices = gpu.configure(settings)
         except gpu.GpuError as exc:
             raise ModelLoadError(str(exc)) from None
         hardware = detect(gpu.describe(devices), compute_capability=devices.compute_capability)

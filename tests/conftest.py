@@ -55,10 +55,15 @@ TEST_MODELS: dict[str, tuple[int, str, str, str]] = {
 }
 # Served by no shared worker: tests that start workers of their own use these.
 SOLO_MODELS: dict[str, tuple[int, str, str, str]] = {
-    "tsolo": (7, "dict", "softmax", "custom-labels.txt"),
+    "tsolo": (7, "logits", "softmax", "custom-labels.txt"),
     "tfault": (1000, "logits", "softmax", "imagenet1k"),
     "tabort": (1000, "logits", "softmax", "imagenet1k"),
 }
+# Linear models on the ``numpy`` runtime (no TensorFlow in their workers, which start
+# in about a second instead of six): for the tests of queues, workers and stores,
+# where the model is not the subject. The TensorFlow path is the subject of the
+# shared worker's models and of ``tabort``, whose crash is an op of its graph.
+LINEAR_MODELS = frozenset({"tsolo", "tfault"})
 CUSTOM_LABELS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta"]
 
 # Under xdist, the slowest modules, handed out in this order before all others.
@@ -173,41 +178,46 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The test SavedModels and a models TOML file naming them."""
-    from tests.savedmodels import build_classifier
+    from tests.savedmodels import build_classifier, build_linear
 
     base = tmp_path_factory.mktemp("models")
     (base / "custom-labels.txt").write_text("\n".join(CUSTOM_LABELS) + "\n", encoding="utf-8")
     lines = []
     all_models = {**TEST_MODELS, **SOLO_MODELS}
-    for seed, (name, (classes, output, activation, labels)) in enumerate(all_models.items()):
-        build_classifier(
-            base / name,
-            classes,
-            output=output,
-            seed=seed,
-            fail_on_bright=name == "tpoison",
-            abort_on_bright=name == "tabort",
-        )
-        lines += [
-            f"[models.{name}]",
-            f'handle = "{name}"',
-            "input_size = 32",
-            f'activation = "{activation}"',
-            f'labels = "{labels}"',
-            "",
-        ]
+    for seed, (name, (classes, output, activation, _labels)) in enumerate(all_models.items()):
+        if name in LINEAR_MODELS:
+            build_linear(base / f"{name}.npz", classes, seed=seed)
+        else:
+            build_classifier(
+                base / name,
+                classes,
+                output=output,
+                seed=seed,
+                fail_on_bright=name == "tpoison",
+                abort_on_bright=name == "tabort",
+            )
+        lines += [f"[models.{name}]", *model_lines(base, name), f'activation = "{activation}"', ""]
     (base / "models.toml").write_text("\n".join(lines), encoding="utf-8")
     return base
 
 
-def renamed_model_file(models_dir: Path, folder: Path, name: str, source: str = "t1001") -> Path:
-    """A models file serving the test SavedModel ``source`` under the name ``name``, so
-    that a module's own workers take tasks no shared worker serves."""
-    _, _, _, labels = TEST_MODELS[source]
+def model_lines(models_dir: Path, source: str) -> list[str]:
+    """A test model's handle, input size, labels and runtime, as models file lines."""
+    _, _, _, labels = {**TEST_MODELS, **SOLO_MODELS}[source]
+    if labels == "custom-labels.txt":
+        labels = str(models_dir / labels)
+    if source in LINEAR_MODELS:
+        handle, runtime = models_dir / f"{source}.npz", ['runtime = "numpy"']
+    else:
+        handle, runtime = models_dir / source, []
+    return [f'handle = "{handle}"', "input_size = 32", f'labels = "{labels}"', *runtime]
+
+
+def renamed_model_file(models_dir: Path, folder: Path, name: str, source: str = "tfault") -> Path:
+    """A models file serving the test model ``source`` under the name ``name``, so that
+    a module's own workers take tasks no shared worker serves."""
     path = folder / "models.toml"
-    path.write_text(
-        f'[models.{name}]\nhandle = "{models_dir / source}"\ninput_size = 32\nlabels = "{labels}"\n'
-    )
+    path.write_text("\n".join([f"[models.{name}]", *model_lines(models_dir, source), ""]))
     return path
 
 

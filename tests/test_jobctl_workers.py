@@ -21,7 +21,7 @@ from producer.api import Client
 from shared.jobs import task_id
 from shared.registry import load_registry, queue_for
 from shared.settings import Settings
-from tests.conftest import ROOT, WorkerProcess, run_cli, wait_for
+from tests.conftest import ROOT, WorkerProcess, renamed_model_file, run_cli, wait_for
 from tests.queues import waiting
 from workers.batcher import DynamicBatcher, Skipped
 from workers.classifier import Classifier
@@ -38,13 +38,7 @@ SLOW = {"IMGQ_MAX_BATCH_DELAY_MS": "250"}
 @pytest.fixture(scope="module")
 def models_file(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A models file with a model of this module's own (its own queue)."""
-    path = tmp_path_factory.mktemp("jobctl-models") / "models.toml"
-    path.write_text(
-        f'[models.{MODEL}]\nhandle = "{models_dir / "tsolo"}"\ninput_size = 32\n'
-        f'activation = "softmax"\nlabels = "{models_dir / "custom-labels.txt"}"\n',
-        encoding="utf-8",
-    )
-    return path
+    return renamed_model_file(models_dir, tmp_path_factory.mktemp("jobctl-models"), MODEL, "tsolo")
 
 
 @pytest.fixture(scope="module")

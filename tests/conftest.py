@@ -177,10 +177,30 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The test SavedModels and a models TOML file naming them."""
+    """The test models and a models TOML file naming them (read only).
+
+    Built once per run: under xdist, by the first test process that asks, in the
+    folder the processes' temporary folders share, while the others wait on a lock;
+    a process whose tests start only numpy workers then never imports TensorFlow."""
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    base = root / "models"
+    with (root / "models.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (base / "models.toml").exists():
+            shutil.rmtree(base, ignore_errors=True)  # an interrupted build
+            build_models(base)
+    return base
+
+
+def build_models(base: Path) -> None:
+    """Build every test model into ``base``, its models file last."""
     from tests.savedmodels import build_classifier, build_linear
 
-    base = tmp_path_factory.mktemp("models")
+    base.mkdir(parents=True)
     (base / "custom-labels.txt").write_text("\n".join(CUSTOM_LABELS) + "\n", encoding="utf-8")
     lines = []
     all_models = {**TEST_MODELS, **SOLO_MODELS}
@@ -198,7 +218,6 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             )
         lines += [f"[models.{name}]", *model_lines(base, name), f'activation = "{activation}"', ""]
     (base / "models.toml").write_text("\n".join(lines), encoding="utf-8")
-    return base
 
 
 def model_lines(models_dir: Path, source: str) -> list[str]:

@@ -133,7 +133,8 @@ def test_ctrl_c_leaves_nothing_behind_and_resume_finishes(
         Image.new("RGB", (64, 48), (i % 256, (7 * i) % 256, 90)).save(folder / f"img{i:03d}.jpg")
     state = tmp_path / "state"
     out = tmp_path / "r.jsonl"
-    env = {**run_env(imgq_env), "IMGQ_CHUNK_SIZE": "1"}
+    # One-image tasks that each wait 50 ms for company (a slow model that costs no CPU).
+    env = {**run_env(imgq_env), "IMGQ_CHUNK_SIZE": "1", "IMGQ_MAX_BATCH_DELAY_MS": "50"}
     cmd = [
         sys.executable,
         "-m",
@@ -141,7 +142,7 @@ def test_ctrl_c_leaves_nothing_behind_and_resume_finishes(
         "run",
         str(folder),
         "-m",
-        "t1001",
+        "tsolo",
         "--state-dir",
         str(state),
         "--job-id",

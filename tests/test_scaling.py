@@ -26,7 +26,7 @@ import redis
 
 from producer.api import Client, Job
 from shared.settings import Settings
-from tests.conftest import WorkerProcess, wait_ready
+from tests.conftest import WorkerProcess, model_lines, wait_ready
 from tests.queues import waiting
 
 pytestmark = pytest.mark.slow
@@ -85,23 +85,12 @@ def images(photos: Path) -> Iterator[SlowImages]:
 
 @pytest.fixture(scope="module")
 def scale_env(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Two models no session worker serves, in their own models file; URLs allowed."""
+    """Two models no session worker serves (numpy runtime), in their own models file;
+    URLs allowed."""
     toml = tmp_path_factory.mktemp("scale") / "models.toml"
-    toml.write_text(
-        f"""
-[models.{A}]
-handle = "{models_dir / "tcustom"}"
-input_size = 32
-labels = "{models_dir / "custom-labels.txt"}"
-
-[models.{B}]
-handle = "{models_dir / "t1001"}"
-input_size = 32
-activation = "softmax"
-labels = "imagenet1k-background"
-""",
-        encoding="utf-8",
-    )
+    lines = [f"[models.{A}]", *model_lines(models_dir, "tsolo"), ""]
+    lines += [f"[models.{B}]", *model_lines(models_dir, "tfault"), ""]
+    toml.write_text("\n".join(lines), encoding="utf-8")
     # The test server is on loopback, which workers refuse unless told otherwise.
     return {"IMGQ_MODELS_FILE": str(toml), "IMGQ_ALLOW_PRIVATE_URLS": "true"}
 

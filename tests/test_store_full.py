@@ -57,16 +57,19 @@ def env(own_redis: RedisServer, imgq_env: dict[str, str]) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def worker(
     start_worker: Callable[..., WorkerProcess], env: dict[str, str]
-) -> tuple[WorkerProcess, int]:
-    """A worker serving t1001 on that Redis, with its /metrics on a free port."""
+) -> Iterator[tuple[WorkerProcess, int]]:
+    """A worker serving tfault on that Redis, with its /metrics on a free port; stopped
+    at the end of the module, before its Redis (it would retry leaving the listing)."""
     port = free_port()
     started = start_worker(
-        "t1001",
+        "tfault",
         name="full-redis",
         env={**env, "IMGQ_WORKER_METRICS_PORT": str(port)},
         args=("--concurrency", "2"),
     )
-    return started, port
+    started.module_owned = True
+    yield started, port
+    started.stop()
 
 
 @pytest.fixture
@@ -95,25 +98,25 @@ def test_results_that_do_not_fit_stall_the_job_then_it_finishes(
     images = make_images(tmp_path / "imgs", 24, size=(40, 30))
     client = client_for(env)
     # What each image gets when nothing goes wrong.
-    reference = client.submit(images, models=["t1001"], chunk_size=4)
+    reference = client.submit(images, models=["tfault"], chunk_size=4)
     reference.wait(progress=False, timeout=60)
     expected = {r.image: r.top5[0].label for r in reference.results()}
     before = scrape(port)
 
-    job = client.submit(images, models=["t1001"], chunk_size=2)
-    wait_for(lambda: job.status().models["t1001"].done >= 2, 60, "the job to start")
+    job = client.submit(images, models=["tfault"], chunk_size=2)
+    wait_for(lambda: job.status().models["tfault"].done >= 2, 60, "the job to start")
     fill(unlimited)
     wait_for(lambda: "imgq worker paused" in proc.output(), 30, "the worker to pause")
     paused = scrape(port)
     assert value(paused, "imgq_store_unavailable", store="redis") == 1
     time.sleep(2.0)
-    status = job.status().models["t1001"]
+    status = job.status().models["tfault"]
     assert status.pending > 0 and status.failed == 0  # stalled, nothing falsely failed
     assert proc.running.poll() is None
 
     unlimited.config_set("maxmemory", 0)
     status = job.wait(progress=False, timeout=90)
-    assert status.models["t1001"].as_dict() == {"total": 24, "done": 24, "failed": 0, "pending": 0}
+    assert status.models["tfault"].as_dict() == {"total": 24, "done": 24, "failed": 0, "pending": 0}
     records = job.results()
     assert Counter(r.image for r in records) == Counter(images)  # each exactly once
     assert {r.image: r.top5[0].label for r in records} == expected
@@ -124,8 +127,8 @@ def test_results_that_do_not_fit_stall_the_job_then_it_finishes(
     after = scrape(port)
     assert value(after, "imgq_store_unavailable", store="redis") == 0
     # Results computed while Redis was full were kept, not computed again.
-    classified = value(after, "imgq_worker_images_classified_total", model="t1001") - value(
-        before, "imgq_worker_images_classified_total", model="t1001"
+    classified = value(after, "imgq_worker_images_classified_total", model="tfault") - value(
+        before, "imgq_worker_images_classified_total", model="tfault"
     )
     assert classified == 24
 
@@ -154,7 +157,7 @@ def test_submit_into_a_full_redis_is_refused_and_leaves_nothing(
 ) -> None:
     images = make_images(tmp_path / "imgs", 3)
     fill(unlimited)
-    result = run_cli(["submit", *images, "--model", "t1001", "--job-id", "refused-job"], env)
+    result = run_cli(["submit", *images, "--model", "tfault", "--job-id", "refused-job"], env)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -180,7 +183,7 @@ def test_submit_that_fills_redis_half_way_withdraws_what_it_sent(
     assert unlimited.zscore("imgq:jobs", "half-job") is None
 
 
-def queued_of(r: redis.Redis, job_id: str, model: str = "t1001") -> list[bytes]:
+def queued_of(r: redis.Redis, job_id: str, model: str = "tfault") -> list[bytes]:
     """The messages of a job waiting in a model's queue (every priority level)."""
     queued = [m for q in r.keys(f"imgq.{model}*") for m in r.lrange(q, 0, -1)]
     return [m for m in queued if json.loads(m)["headers"]["id"].startswith(f"{job_id}.")]
@@ -199,7 +202,7 @@ def test_metrics_show_redis_memory_and_its_limit(
     unlimited.config_set("maxmemory", 50_000_000)
     registry = CollectorRegistry()
     broker = BrokerRedis(create_app(Settings(broker_url=own_redis.url)))
-    registry.register(QueueCollector(broker, ["t1001"]))
+    registry.register(QueueCollector(broker, ["tfault"]))
     samples = {
         s.name: s.value
         for f in text_string_to_metric_families(generate_latest(registry).decode())

@@ -33,7 +33,7 @@ lint: setup-dev
 
 ## The whole check: lint, types, then the tests on a real Redis and real workers,
 ## in TEST_PROCESSES processes (pytest-xdist; tests/conftest.py says how they share out).
-TEST_PROCESSES ?= 2
+TEST_PROCESSES ?= 4
 test: lint
 	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile --durations=20
 

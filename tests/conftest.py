@@ -1,6 +1,6 @@
 """Fixtures on real parts: a real Redis, real SavedModels, real worker processes.
 
-In parallel: ``make test`` runs ``pytest -n 2 --dist loadfile`` (pytest-xdist). Each
+In parallel: ``make test`` runs ``pytest -n 4 --dist loadfile`` (pytest-xdist). Each
 test process has its own Redis server (``redis_url``), its own PostgreSQL schema
 (``postgres_url``), its own temporary folders and its own session workers
 (``shared_worker``, ``start_worker``): session fixtures are per process, so queues,
@@ -17,6 +17,9 @@ Redis databases (``/7``, ``/8``) and worker names never collide between processe
   back), ``IMGQ_SWEEP_GRACE`` (a lost task is sent again), ``IMGQ_NOTIFY_BACKOFF``
   (callback retries), ``IMGQ_VISIBILITY_TIMEOUT`` (10 s at least),
   ``IMGQ_MAX_BATCH_DELAY_MS`` (a slow model that costs no CPU).
+- A test whose subject is not the model serves ``tsolo`` or ``tfault`` (or one of them
+  renamed: ``renamed_model_file``): linear models on the ``numpy`` runtime, whose
+  workers never import TensorFlow and are ready in about a second, not six.
 """
 
 from __future__ import annotations

@@ -35,6 +35,9 @@ lint: setup-dev
 ## in TEST_PROCESSES processes (pytest-xdist; tests/conftest.py says how they share out).
 TEST_PROCESSES ?= 4
 test: lint
+	@# Byte-compiled once here, not by each of the tests' CLI and worker processes
+	@# (nothing is written where PYTHONDONTWRITEBYTECODE is set).
+	$(BIN)/python -m compileall -q producer shared workers
 	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile --durations=20
 
 ## The compose deployment run for real: image built, stack up, workers scaled and

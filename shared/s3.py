@@ -119,22 +119,25 @@ def s3_client(
 ) -> Any:
     """A boto3 S3 client for the configured endpoint, built once per process and
     options (boto3 clients are thread-safe). The endpoint is checked against the
-    private-address guard first. ``timeout``: connect and read timeout in seconds."""
+    private-address guard when its client is built (a refusal builds none, so the
+    next call checks again), not on every call: a worker calls this once per object,
+    and the check resolves the endpoint's name. ``timeout``: connect and read timeout
+    in seconds."""
     try:
         import boto3
         import botocore.config
     except ImportError:
         raise S3Error("missing", INSTALL_HINT) from None
     endpoint = endpoint_url(settings)
-    check_endpoint(endpoint, allow_private=settings.allow_private_urls)
     # botocore's "standard" retry mode: throttling (503 SlowDown, 429), 500/502/504 and
     # connection errors are retried with exponential backoff and full jitter (a random
     # wait up to 1 s, 2 s, 4 s ... capped at 20 s), IMGQ_S3_MAX_ATTEMPTS tries in all.
     attempts = max_attempts or settings.s3_max_attempts
-    key = (endpoint, timeout, attempts, pool, os.getpid())
+    key = (endpoint, settings.allow_private_urls, timeout, attempts, pool, os.getpid())
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
+            check_endpoint(endpoint, allow_private=settings.allow_private_urls)
             config = botocore.config.Config(
                 retries={"mode": "standard", "total_max_attempts": attempts},
                 max_pool_connections=pool,

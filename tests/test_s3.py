@@ -208,6 +208,31 @@ def test_a_loopback_endpoint_is_refused_unless_allowed(bucket: dict[str, bytes])
         _set_env(saved)
 
 
+def test_the_endpoint_is_resolved_once_per_client_not_per_object(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import shared.s3
+
+    asked: list[str] = []
+
+    def resolve(host: str, port: int) -> list[str]:
+        asked.append(host)
+        if host == "store.internal":
+            raise shared.s3.AddressRefused(f"{host} (10.0.0.7 is a private address)")
+        return ["192.0.2.10"]
+
+    monkeypatch.setattr(shared.s3, "public_addresses", resolve)
+    public = Settings(s3_endpoint_url="http://store.example:9000", allow_private_urls=False)
+    assert shared.s3.s3_client(public) is shared.s3.s3_client(public)
+    assert asked == ["store.example"]
+    # A refusal builds no client: the next call is checked again, and refused again.
+    private = Settings(s3_endpoint_url="http://store.internal:9000", allow_private_urls=False)
+    for _ in range(2):
+        with pytest.raises(shared.s3.S3Error, match="IMGQ_ALLOW_PRIVATE_URLS=true"):
+            shared.s3.s3_client(private)
+    assert asked == ["store.example", "store.internal", "store.internal"]
+
+
 def test_wrong_credentials_are_access_denied(bucket: dict[str, bytes]) -> None:
     # A server that checks signatures: moto with IAM authentication from the first call.
     strict = start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -261,13 +262,7 @@ def test_numpy_runtime_gives_the_tensorflow_models_answers(tmp_path: Path) -> No
 
     build_classifier(tmp_path / "tf", 1000, seed=5)
     build_linear(tmp_path / "lin.npz", 1000, seed=5)
-    tf_spec = ModelSpec(
-        name="ttf",
-        handle=str(tmp_path / "tf"),
-        input_size=(32, 32),
-        activation=Activation.SOFTMAX,
-        labels="imagenet1k",
-    )
+    tf_spec = replace(linear_spec(tmp_path / "tf"), runtime=None)
     reference = Classifier(tf_spec, max_batch_size=8).load()
     linear = Classifier(
         linear_spec(tmp_path / "lin.npz"), max_batch_size=8, runtime=RuntimeKind.NUMPY
@@ -298,15 +293,17 @@ def test_numpy_runtime_load_errors_say_what_is_wrong(tmp_path: Path) -> None:
         with pytest.raises(ModelLoadError, match=r"runtime numpy\) could not be loaded") as err:
             clf.load()
         assert message in str(err.value)
-    odd = Classifier(linear_spec(tmp_path / "ok.npz", input_size=30), max_batch_size=4)
-    odd.runtime = RuntimeKind.NUMPY
+    odd = Classifier(
+        linear_spec(tmp_path / "ok.npz", input_size=30), max_batch_size=4, runtime=RuntimeKind.NUMPY
+    )
     with pytest.raises(ModelLoadError, match="grid \\(4\\) must divide the input size 30x30"):
         odd.load()
-    seven = Classifier(
-        linear_spec(tmp_path / "ok.npz", labels="imagenet1k-background"), max_batch_size=4
+    mismatched = Classifier(
+        linear_spec(tmp_path / "ok.npz", labels="imagenet1k-background"),
+        max_batch_size=4,
+        runtime=RuntimeKind.NUMPY,
     )
-    seven.runtime = RuntimeKind.NUMPY
     with pytest.raises(ModelLoadError, match="outputs 1000 classes but its label set"):
-        seven.load()
+        mismatched.load()
     with pytest.raises(ValueError, match=r"weights must be \(12, outputs\)"):
         save_linear(tmp_path / "bad.npz", weights, bias, grid=2)

@@ -8,6 +8,14 @@ from pathlib import Path
 import numpy as np
 
 
+def linear_weights(num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The deterministic weights (48 x classes) and bias of the test classifiers."""
+    rng = np.random.default_rng(seed)
+    weights = rng.normal(0.0, 4.0, size=(48, num_classes)).astype(np.float32)
+    bias = rng.normal(0.0, 0.5, size=(num_classes,)).astype(np.float32)
+    return weights, bias
+
+
 def build_classifier(
     path: Path,
     num_classes: int,
@@ -29,9 +37,7 @@ def build_classifier(
     """
     import tensorflow as tf
 
-    rng = np.random.default_rng(seed)
-    weights = rng.normal(0.0, 4.0, size=(48, num_classes)).astype(np.float32)
-    bias = rng.normal(0.0, 0.5, size=(num_classes,)).astype(np.float32)
+    weights, bias = linear_weights(num_classes, seed)
 
     class Classifier(tf.Module):
         def __init__(self) -> None:
@@ -74,10 +80,7 @@ def build_linear(path: Path, num_classes: int, *, seed: int = 0) -> Path:
     subject."""
     from workers.runtimes.linear import save_linear
 
-    rng = np.random.default_rng(seed)
-    weights = rng.normal(0.0, 4.0, size=(48, num_classes)).astype(np.float32)
-    bias = rng.normal(0.0, 0.5, size=(num_classes,)).astype(np.float32)
-    return save_linear(path, weights, bias, grid=4)
+    return save_linear(path, *linear_weights(num_classes, seed), grid=4)
 
 
 def direct_scores(path: Path, images: np.ndarray, activation: str) -> np.ndarray:

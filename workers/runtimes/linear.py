@@ -19,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.modes import Precision
+from shared.modes import Precision, RuntimeKind
 from shared.registry import ModelSpec
 from workers.runtimes.base import ModelLoadError, check_uint8, pooled, to_unit, top_k
 
-NAME = "numpy"
 SUFFIX = ".npz"
 
 
@@ -47,7 +46,7 @@ def save_linear(path: Path, weights: np.ndarray, bias: np.ndarray, *, grid: int)
 class LinearBackend:
     """A linear model of ``save_linear`` for one model spec, in float32 NumPy."""
 
-    name = NAME
+    name = RuntimeKind.NUMPY.value
     precision = Precision.FP32
     from_cache = False
 

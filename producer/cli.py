@@ -554,4 +554,7 @@ add_head_commands(main, user_errors=user_errors)
 
 
 if __name__ == "__main__":  # pragma: no cover
+    import gc
+
+    gc.freeze()  # as producer.entry does: no collection walks what the imports built
     main()

@@ -121,3 +121,50 @@ def test_results_store_is_a_package_one_module_per_store() -> None:
         "shared.results_store.redis_store"
         not in imported_modules("shared")["shared/results_store/postgres.py"]
     )
+
+
+def test_the_producer_package_imports_its_api_on_first_use() -> None:
+    code = (
+        "import sys\n"
+        "import producer\n"
+        "assert 'producer.api' not in sys.modules and 'celery' not in sys.modules\n"
+        "import producer.api\n"
+        "assert producer.Client is producer.api.Client\n"
+        "assert 'JobError' in dir(producer)\n"
+        "try:\n"
+        "    producer.Nothing\n"
+        "except AttributeError as exc:\n"
+        "    print(exc)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "module 'producer' has no attribute 'Nothing'"
+
+
+def test_the_imgq_command_freezes_what_its_imports_built_and_runs_with_the_collector_on() -> None:
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))["project"]["scripts"]
+    assert scripts["imgq"] == "producer.entry:main"
+    code = (
+        "import gc, sys\n"
+        "from producer import entry\n"
+        "assert 'producer.cli' not in sys.modules\n"
+        "sys.argv = ['imgq', '--version']\n"
+        "try:\n"
+        "    entry.main()\n"
+        "except SystemExit as exc:\n"
+        "    assert exc.code in (0, None), exc.code\n"
+        "print(gc.isenabled(), gc.get_freeze_count())\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    version, state = run.stdout.strip().splitlines()
+    assert version.startswith("imgq, version ")
+    enabled, frozen = state.split()
+    assert enabled == "True"
+    assert int(frozen) > 50_000  # click, celery, redis, pydantic and imgq's modules

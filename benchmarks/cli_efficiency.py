@@ -20,6 +20,12 @@ of the direct runs just before and just after the imgq round (n + 1 direct runs 
 rounds), so that the machine's drift weighs on both sides alike. The decoding (about 4.5 ms per
 photo, on the same two cores as the model) is the gap nothing can close, so the
 ceiling on 2 cores is about 0.96-0.97. Printed: every round, the median, the spread.
+
+Each round also prints the CPU seconds each side spent (Linux: the worker's from
+``/proc``, the CLI's from its rusage, the direct calls' from this process's), so that
+a slow round can be told apart: imgq's own cost (worker + CLI CPU above the direct
+calls' CPU: decoding, Celery, Redis, Python start) against a slow phase of the
+machine (the same work taking more CPU seconds on both sides).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import compileall
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -102,6 +109,23 @@ def worker_phases(log: Path, offset: int, start: float, end: float) -> dict[str,
     }
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process, all its threads (Linux ``/proc``); None
+    where there is no ``/proc``."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name: state, ppid, ...
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of this process's finished (waited for) children."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=9)
@@ -144,10 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(2):
         model(batches[0]).numpy()
 
+    cpu: dict[str, float] = {}
+
     def direct() -> float:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         for batch in batches:
             model(batch).numpy()
+        cpu["direct_cpu_s"] = time.process_time() - start_cpu
         return time.perf_counter() - start
 
     stack = Stack(work, models_file)
@@ -164,12 +191,17 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [*imgq_command(), "submit", str(folder), "--model", "r50", "--wait"]
         log = stack.worker.log_path
         offset = log.stat().st_size
+        worker_cpu, cli_cpu = cpu_seconds(stack.worker.proc.pid), children_cpu_seconds()
         wall = time.time()
         start = time.perf_counter()
         proc = subprocess.run(
             [*cmd, "--out", str(out)], env=env, capture_output=True, text=True, cwd=work
         )
         elapsed = time.perf_counter() - start
+        worker_cpu_after = cpu_seconds(stack.worker.proc.pid)
+        cpu["cli_cpu_s"] = children_cpu_seconds() - cli_cpu
+        if worker_cpu is not None and worker_cpu_after is not None:
+            cpu["worker_cpu_s"] = worker_cpu_after - worker_cpu
         if proc.returncode != 0:
             raise RuntimeError(f"imgq submit failed ({proc.returncode}): {proc.stderr[-2000:]}")
         phases.clear()
@@ -188,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         through_imgq(warm_dir)  # the warm-up job
         before = direct()
+        before_cpu = cpu["direct_cpu_s"]
         for r in range(args.rounds):
             # Each imgq round between two direct ones, compared with their mean: the
             # machine's own drift (the direct time alone moves by several percent from
@@ -195,16 +228,22 @@ def main(argv: list[str] | None = None) -> int:
             i = through_imgq(photos_dir)
             after = direct()
             d, before = (before + after) / 2, after
+            direct_cpu, before_cpu = (before_cpu + cpu["direct_cpu_s"]) / 2, cpu["direct_cpu_s"]
             lines = out.read_text(encoding="utf-8").splitlines()
             if len(lines) != IMAGES or any(json.loads(line)["error"] for line in lines):
                 raise RuntimeError(f"round {r}: {len(lines)} records, or errors among them")
-            rounds.append({"direct_s": d, "imgq_s": i, "efficiency": d / i, **phases})
+            figures = {"direct_s": d, "imgq_s": i, "efficiency": d / i, **phases}
+            figures |= {**cpu, "direct_cpu_s": direct_cpu}
+            rounds.append(figures)
             directs.append(after)
+            worker_text = f"{cpu['worker_cpu_s']:.2f}" if "worker_cpu_s" in cpu else "?"
             print(
                 f"round {r + 1:2d}: direct {d:6.2f} s ({IMAGES / d:5.1f} img/s)  "
                 f"imgq {i:6.2f} s ({IMAGES / i:5.1f} img/s)  efficiency {d / i:.3f}  "
                 f"[to first task {phases.get('before_s', -1):.2f} s, worker span "
-                f"{phases.get('span_s', -1):.2f} s, after last {phases.get('after_s', -1):.2f} s]",
+                f"{phases.get('span_s', -1):.2f} s, after last {phases.get('after_s', -1):.2f} s; "
+                f"CPU s: direct {direct_cpu:.2f}, worker {worker_text}, "
+                f"CLI {cpu['cli_cpu_s']:.2f}]",
                 flush=True,
             )
     finally:
@@ -223,6 +262,18 @@ def main(argv: list[str] | None = None) -> int:
         f"the direct call alone, run to run: {min(directs):.2f} to {max(directs):.2f} s "
         f"(spread {max(directs) / min(directs) - 1:.1%}): the machine's noise"
     )
+    extra = [
+        r["worker_cpu_s"] + r["cli_cpu_s"] - r["direct_cpu_s"]
+        for r in rounds
+        if "worker_cpu_s" in r
+    ]
+    if extra:
+        print(
+            f"imgq's CPU above the direct calls' (worker + CLI - direct), per round: median "
+            f"{statistics.median(extra):.2f} s ({min(extra):.2f} to {max(extra):.2f}); the "
+            f"direct calls' own CPU: {min(r['direct_cpu_s'] for r in rounds):.2f} to "
+            f"{max(r['direct_cpu_s'] for r in rounds):.2f} s"
+        )
     if args.json:
         args.json.write_text(json.dumps({"rounds": rounds, "median": median}, indent=2))
     return 0

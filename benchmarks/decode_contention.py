@@ -44,11 +44,12 @@ MAX_PIXELS = 10**9
 
 
 def priority_setter(mode: str) -> Callable[[], None] | None:
-    """A thread-pool initializer giving each decode thread the mode's CPU priority."""
-    from workers.runtime import DECODE_NICENESS
+    """A thread-pool initializer giving each decode thread the mode's CPU priority
+    (``niced``: the worker's own, set by the worker's own helper)."""
+    from workers.runtime import _lower_priority
 
     if mode == "niced":
-        return lambda: os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DECODE_NICENESS)
+        return _lower_priority
     if mode == "sched_idle":
         return lambda: os.sched_setscheduler(
             threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0)

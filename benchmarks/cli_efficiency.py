@@ -17,9 +17,13 @@ them. After a 32-image warm-up job, the rounds alternate, side by side:
 
 Efficiency per round = direct seconds / imgq seconds, the direct seconds being the mean
 of the direct runs just before and just after the imgq round (n + 1 direct runs for n
-rounds), so that the machine's drift weighs on both sides alike. The decoding (about 4.5 ms per
-photo, on the same two cores as the model) is the gap nothing can close, so the
-ceiling on 2 cores is about 0.96-0.97. Printed: every round, the median, the spread.
+rounds), so that the machine's drift weighs on both sides alike. What stays on 2 cores
+as imgq is built: decoding beside the model (2-3% of its time, see
+``decode_contention.py``) and the CLI's start (0.2-0.4 s, mostly importing celery,
+redis-py and pydantic), so the ceiling is about 0.93-0.95 where ResNet-50 runs at
+30-36 images/s, higher on a slower machine. Each TensorFlow process also has its own
+steady speed (within 2-3%), so runs differ by more than the rounds of one run.
+Printed: every round, the median, the spread.
 
 Each round also prints the CPU seconds each side spent (Linux: the worker's from
 ``/proc``, the CLI's from its rusage, the direct calls' from this process's), so that
@@ -232,9 +236,12 @@ def main(argv: list[str] | None = None) -> int:
             lines = out.read_text(encoding="utf-8").splitlines()
             if len(lines) != IMAGES or any(json.loads(line)["error"] for line in lines):
                 raise RuntimeError(f"round {r}: {len(lines)} records, or errors among them")
-            figures = {"direct_s": d, "imgq_s": i, "efficiency": d / i, **phases}
-            figures |= {**cpu, "direct_cpu_s": direct_cpu}
-            rounds.append(figures)
+            rounds.append(
+                {"direct_s": d, "imgq_s": i, "efficiency": d / i}
+                | phases
+                | cpu
+                | {"direct_cpu_s": direct_cpu}
+            )
             directs.append(after)
             worker_text = f"{cpu['worker_cpu_s']:.2f}" if "worker_cpu_s" in cpu else "?"
             print(

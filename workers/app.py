@@ -15,12 +15,17 @@ from shared.celery_app import create_app, job_store_for
 from shared.jobs import JobStore
 from shared.settings import SettingsError, get_settings
 from workers.options import add_worker_options
+from workers.tf_allocator import prefer_bfc
 
 # TensorFlow's GPU build logs "failed call to cuInit" as an error at every start on a
 # host without an NVIDIA GPU; there, its C++ log is kept to fatal errors unless
 # TF_CPP_MIN_LOG_LEVEL says otherwise (before TensorFlow loads, which reads it once).
 if "TF_CPP_MIN_LOG_LEVEL" not in os.environ and not any(Path("/dev").glob("nvidia[0-9]*")):
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+
+# Batches reuse TensorFlow's CPU memory instead of mapping it afresh at every call
+# (workers.tf_allocator), unless TF_CPU_ALLOCATOR_USE_BFC says otherwise.
+prefer_bfc()
 
 try:  # a bad setting is one line and exit 2, before Celery or a model starts
     get_settings()

@@ -35,6 +35,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The direct calls allocate as a worker does (workers.tf_allocator), so that the two
+# sides differ by imgq alone; benchmarks/allocator.py measures the allocator itself.
+from workers.tf_allocator import prefer_bfc  # noqa: E402
+
+prefer_bfc()
 
 TARGETS = {"efficiency": 0.90, "single_vs_chunked": 0.85, "capacity": 5000.0}
 SINGLE_DELAY_MS = 50

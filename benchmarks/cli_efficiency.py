@@ -13,7 +13,10 @@ them. After a 32-image warm-up job, the rounds alternate, side by side:
   JPEGs of 500x375 (a new process each time: Python start, imports, submit, wait,
   every record written);
 - direct: the same SavedModel called in this process on the same 256 images, already
-  decoded and resized, in 32-image batches.
+  decoded and resized, in 32-image batches, with TensorFlow's CPU allocator the
+  worker's (BFC, ``workers/tf_allocator.py``), so that the two sides differ by imgq
+  alone; ``--direct-allocator malloc`` gives the direct calls TensorFlow's default
+  allocator instead, as a plain script has it.
 
 Efficiency per round = direct seconds / imgq seconds, the direct seconds being the mean
 of the direct runs just before and just after the imgq round (n + 1 direct runs for n
@@ -54,6 +57,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from benchmarks.run import Stack, build_resnet50, write_photos  # noqa: E402
+from workers.tf_allocator import USE_BFC  # noqa: E402
 
 IMAGES = 256
 BATCH = 32
@@ -135,9 +139,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--keep", type=Path, help="a folder for the model and photos (reused)")
     parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument(
+        "--direct-allocator",
+        choices=("bfc", "malloc"),
+        default="bfc",
+        help="TensorFlow's CPU allocator for the direct calls: bfc, as the worker's "
+        "(imgq's own cost), or malloc, TensorFlow's default (a plain script)",
+    )
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    # TensorFlow reads its allocator once, when it first allocates (building the model
+    # included): set before anything is loaded. The worker's is BFC either way (set
+    # for it explicitly below).
+    os.environ[USE_BFC] = "true" if args.direct_allocator == "bfc" else "false"
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="imgq-cli-eff-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -220,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             "r50",
             "--batch-size",
             str(BATCH),
-            env={"IMGQ_PRECISION": "fp32", "IMGQ_RUNTIME": "tensorflow"},
+            env={"IMGQ_PRECISION": "fp32", "IMGQ_RUNTIME": "tensorflow", USE_BFC: "true"},
         )
         through_imgq(warm_dir)  # the warm-up job
         before = direct()
@@ -263,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"pipeline efficiency, imgq submit --wait --out (CLI included), {IMAGES} photos "
         f"{SIZE[0]}x{SIZE[1]}, batch {BATCH}: median {median:.3f} over {len(eff)} rounds "
-        f"(min {eff[0]:.3f}, max {eff[-1]:.3f}; goal: median >= 0.95, no round < 0.92)"
+        f"(min {eff[0]:.3f}, max {eff[-1]:.3f}; goal: median >= 0.95, no round < 0.92); "
+        f"the direct calls' allocator: {args.direct_allocator}, the worker's: bfc"
     )
     print(
         f"the direct call alone, run to run: {min(directs):.2f} to {max(directs):.2f} s "

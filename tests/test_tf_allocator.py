@@ -19,7 +19,13 @@ def test_bfc_is_the_default_and_an_explicit_choice_wins() -> None:
     env: dict[str, str] = {}
     assert prefer_bfc(env) is True
     assert env == {USE_BFC: "true"}
-    for value, expected in (("false", False), ("0", False), ("1", True), (" TRUE ", True)):
+    for value, expected in (
+        ("false", False),
+        ("0", False),
+        ("1", True),
+        ("TRUE", True),
+        ("yes", False),
+    ):
         env = {USE_BFC: value}
         assert prefer_bfc(env) is expected
         assert env == {USE_BFC: value}

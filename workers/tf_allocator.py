@@ -8,7 +8,8 @@ memory afresh and the kernel zero-fills it page by page: on 2 cores, about 215,0
 minor page faults (0.9 GB) and an eighth of the call's CPU time in the kernel for
 each 32-image ResNet-50 batch. TensorFlow's BFC allocator, the one it uses for GPU
 memory, keeps what it has taken and hands it out again: after the first batch no
-faults, and 10-20% less time per batch (``benchmarks/allocator.py``). What it
+faults, and about a quarter less time per batch (x1.30 the speed, per round x1.12 to
+x1.39, on 2 cores: ``benchmarks/allocator.py``). What it
 costs: the worker's resident memory stays at its peak between batches instead of
 falling back (the peak itself does not grow).
 
@@ -26,7 +27,9 @@ from collections.abc import MutableMapping
 
 USE_BFC = "TF_CPU_ALLOCATOR_USE_BFC"
 
-_TRUE = {"1", "true", "yes", "on"}
+# What TensorFlow takes for true (ReadBoolFromEnvVar, any case); "0" and "false" are
+# false, and anything else is refused with an error in its log and taken as false.
+_TRUE = {"1", "true"}
 
 
 def prefer_bfc(environ: MutableMapping[str, str] | None = None) -> bool:
@@ -34,4 +37,4 @@ def prefer_bfc(environ: MutableMapping[str, str] | None = None) -> bool:
     default) already says; whether it will be. Call before TensorFlow allocates."""
     env = os.environ if environ is None else environ
     env.setdefault(USE_BFC, "true")
-    return env[USE_BFC].strip().lower() in _TRUE
+    return env[USE_BFC].lower() in _TRUE

@@ -8,8 +8,8 @@ TensorFlow reads its allocator from the environment once per process
 (``TF_CPU_ALLOCATOR_USE_BFC``), so each side runs in processes of its own: every
 round starts one process per allocator, in alternating order, and each loads the
 ResNet-50 architecture (random weights) as a SavedModel, makes one call to warm up,
-then times ``--calls`` calls on 32-image float32 batches converted from NumPy as a
-worker's are. Printed per process: the median seconds per call, the CPU seconds per
+then times ``--calls`` calls on 32-image float32 batches, each converted from a NumPy
+array at the call. Printed per process: the median seconds per call, the CPU seconds per
 call spent in user and in kernel mode, the minor page faults per call, resident
 memory at the end and at its peak; then the medians per allocator and their ratio.
 Workers use BFC unless ``TF_CPU_ALLOCATOR_USE_BFC`` says otherwise
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import statistics
 import subprocess
@@ -46,6 +45,8 @@ def child(model_dir: Path, calls: int, batch: int) -> dict[str, Any]:
     import numpy as np
     import tensorflow as tf
 
+    from benchmarks.run import memory_mb
+
     model = tf.saved_model.load(str(model_dir))
     images = np.random.default_rng(0).random((batch, 224, 224, 3), dtype=np.float32)
     model(tf.constant(images)).numpy()  # the first call traces and sizes everything
@@ -59,19 +60,13 @@ def child(model_dir: Path, calls: int, batch: int) -> dict[str, Any]:
         user.append(after.ru_utime - before.ru_utime)
         system.append(after.ru_stime - before.ru_stime)
         faults.append(after.ru_minflt - before.ru_minflt)
-    status = Path("/proc/self/status").read_text(encoding="ascii")
-
-    def mib(field: str) -> float:
-        found = re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE)
-        return int(found.group(1)) / 1024 if found else float("nan")
-
     return {
         "s_per_call": statistics.median(seconds),
         "user_s_per_call": statistics.mean(user),
         "sys_s_per_call": statistics.mean(system),
         "faults_per_call": statistics.mean(faults),
-        "rss_mib": mib("VmRSS"),
-        "peak_rss_mib": mib("VmHWM"),
+        "rss_mib": memory_mb(os.getpid(), "VmRSS"),
+        "peak_rss_mib": memory_mb(os.getpid()),
     }
 
 

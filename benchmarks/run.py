@@ -139,18 +139,19 @@ def direct_main(model: str, batch: int, batches: int, out: str) -> None:
             {
                 "images_per_s": batch * batches / elapsed,
                 "single_ms": statistics.median(singles) * 1000,
-                "peak_rss_mb": peak_rss_mb(os.getpid()),
+                "peak_rss_mb": memory_mb(os.getpid()),
             }
         )
     )
 
 
-def peak_rss_mb(pid: int) -> float:
-    """A process's peak resident memory (VmHWM), in MiB."""
+def memory_mb(pid: int, field: str = "VmHWM") -> float:
+    """A process's memory figure from ``/proc/PID/status``, in MiB: its peak resident
+    memory (VmHWM) by default, its resident memory now with ``VmRSS``."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM")
+    raise RuntimeError(f"no {field}")
 
 
 def run_direct(model: Path, batch: int, batches: int, workdir: Path) -> dict[str, float]:
@@ -356,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     run_job(client, [photos[i]], "bench_resnet50", 1)
                     latencies.append(time.perf_counter() - t0)
                 results["latency_ms"] = statistics.median(latencies) * 1000
-                results["worker_peak_rss_mb"] = peak_rss_mb(worker.proc.pid)
+                results["worker_peak_rss_mb"] = memory_mb(worker.proc.pid)
         if args.only is None:
             # 2: single-image tasks, batched across tasks, against 32-image chunks on
             # the same worker (concurrency high enough for batches to fill).

@@ -1,6 +1,7 @@
-"""Nothing lost: faults on real processes. Workers killed mid-job, Redis restarted,
-duplicate deliveries, an input that kills the process, graceful shutdown, and a
-pickled message. Each ends with every image exactly once per model.
+"""Nothing lost: faults on real processes. Workers killed mid-job, Redis restarted
+(mid-job, and under a batch waiting for more images), duplicate deliveries, an input
+that kills the process, graceful shutdown, and a pickled message. Each ends with
+every image exactly once per model.
 
 The store is the subject of two of them, which run on both results stores: a worker
 killed mid-job (writes cut off halfway) and a duplicate delivery (counted and stored
@@ -175,6 +176,47 @@ def test_redis_restart_mid_job(
         assert all(r.error is None for r in records)
         assert worker.proc.poll() is None, "the worker must survive the restart"
         worker.stop()
+    finally:
+        server.stop()
+
+
+def test_redis_restart_while_a_batch_waits(
+    imgq_env: dict[str, str], start_worker: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    """A worker filling a batch holds its tasks unacknowledged, a BRPOP pending for
+    more. Celery's handling of the lost connection detaches the transport before it
+    closes the channel, and restoring (then acknowledging) those deliveries raised
+    AttributeError: the worker exited ("Unrecoverable error"). It must reconnect."""
+    server = RedisServer(tmp_path / "redis", appendonly=True).start()
+    try:
+        env = {
+            "IMGQ_BROKER_URL": server.url,
+            **FAST_REDELIVERY,
+            # The batch of 2 waits for more images long enough to lose Redis under it.
+            "IMGQ_MAX_BATCH_DELAY_MS": "6000",
+        }
+        worker = start_worker("tfault", name="batchwait", env=env)
+        client = store_client({**imgq_env, "IMGQ_BROKER_URL": server.url}, "redis")
+        images = make_images(tmp_path / "imgs", 2, size=(64, 48))
+        job = client.submit(images, models=["tfault"], chunk_size=1)
+        wait_for(lambda: worker.output().count("] received") == 2, 60, "both tasks held")
+        server.stop()  # SIGTERM: the append-only file is written, connections drop
+        time.sleep(0.5)
+        server.start()
+        status = job.wait(progress=False, timeout=120)
+        assert status.models["tfault"].as_dict() == {
+            "total": 2,
+            "done": 2,
+            "failed": 0,
+            "pending": 0,
+        }
+        assert_exactly_once(job.results(), images, ["tfault"], job)
+        assert "Unrecoverable error" not in worker.output()
+        assert worker.proc.poll() is None, "the worker must reconnect"
+        # It consumes on its new connection.
+        after = client.submit(images[:1], models=["tfault"], chunk_size=1)
+        assert after.wait(progress=False, timeout=60).finished
+        assert worker.stop() == 0
     finally:
         server.stop()
 

@@ -267,7 +267,8 @@ def store_gate() -> StoreGate:
 
 
 class PatientConsumer(Consumer):
-    """Celery's consumer, which waits while Redis refuses writes instead of exiting.
+    """Celery's consumer, which waits while Redis refuses writes instead of exiting,
+    and survives losing the broker while it holds deliveries.
 
     Connecting runs kombu's restore of timed-out deliveries, which takes a lock in
     Redis (a write): against a full Redis that fails, and Celery would stop the
@@ -275,6 +276,27 @@ class PatientConsumer(Consumer):
     Redis takes writes again. The same happens when the consumer reconnects after a
     refused write while running (``broker_channel_error_retry``).
     """
+
+    def on_connection_error_after_connected(self, exc: Exception) -> None:
+        """Celery's handling of a lost broker connection, after which the connection's
+        channel can still reach Redis.
+
+        Celery collects the lost connection, which detaches its transport from it,
+        then closes it. A channel that lost its connection under a pending BRPOP is
+        still open at that close, and the deliveries it holds unacknowledged (a batch
+        waiting for more images) are restored, and later acknowledged by their
+        tasks, through clients built from that transport's connection: with it
+        detached, each raised ``AttributeError``, which Celery does not expect, and
+        the worker exited ("Unrecoverable error") whenever Redis restarted or failed
+        over under it. Here the transport keeps its connection: the restore and the
+        acknowledgements reach Redis again, or fail with the connection errors that
+        Celery ignores (deliveries not acknowledged then go back to the queue after
+        the visibility timeout).
+        """
+        connection = self.connection
+        if connection is not None:
+            connection.collect = _collect_keeping_transport(connection)
+        super().on_connection_error_after_connected(exc)
 
     def connect(self) -> Any:
         """The broker connection, once Redis takes writes."""
@@ -301,6 +323,21 @@ class PatientConsumer(Consumer):
                 continue
             _gate.up("redis", "consumer")
             return conn
+
+
+def _collect_keeping_transport(connection: Any) -> Callable[..., None]:
+    """``connection.collect``, after which its transport still belongs to ``connection``."""
+    collect = connection.collect
+    transport = connection._transport
+
+    def collect_keeping_transport(*args: Any, **kwargs: Any) -> None:
+        try:
+            collect(*args, **kwargs)
+        finally:
+            if transport is not None:
+                transport.client = connection
+
+    return collect_keeping_transport
 
 
 class AttachConsumer(bootsteps.StartStopStep):

@@ -128,13 +128,21 @@ def test_ctrl_c_leaves_nothing_behind_and_resume_finishes(
     # Many one-image tasks, so that the job is still running when interrupted.
     folder = tmp_path / "many"
     folder.mkdir()
-    n_images = 200
+    n_images = 120
     for i in range(n_images):
         Image.new("RGB", (64, 48), (i % 256, (7 * i) % 256, 90)).save(folder / f"img{i:03d}.jpg")
     state = tmp_path / "state"
     out = tmp_path / "r.jsonl"
-    # One-image tasks that each wait 50 ms for company (a slow model that costs no CPU).
-    env = {**run_env(imgq_env), "IMGQ_CHUNK_SIZE": "1", "IMGQ_MAX_BATCH_DELAY_MS": "50"}
+    # One-image tasks, one at a time, each waiting 50 ms for company (a slow model that
+    # costs no CPU): the job lasts about 8 s, so the interrupt lands mid-job even when
+    # this process is slow to see the first results (with 4 tasks at a time, the whole
+    # job once ended first).
+    env = {
+        **run_env(imgq_env),
+        "IMGQ_CHUNK_SIZE": "1",
+        "IMGQ_MAX_BATCH_DELAY_MS": "50",
+        "IMGQ_WORKER_CONCURRENCY": "1",
+    }
     cmd = [
         sys.executable,
         "-m",

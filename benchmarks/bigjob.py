@@ -49,7 +49,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.run import build_zeros  # noqa: E402
+from benchmarks.run import build_zeros, free_port  # noqa: E402
 from producer.embedded import LIST_COMPRESS_DEPTH  # noqa: E402
 
 MODEL = "bench_zeros"
@@ -99,14 +99,6 @@ def imgq(env: dict[str, str], *args: str) -> tuple[float, int, str, float]:
     if proc.returncode != 0:
         raise RuntimeError(f"imgq {' '.join(args)} exited {proc.returncode}: {out[-500:]}")
     return wall, usage.ru_maxrss, out, usage.ru_utime + usage.ru_stime
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def memory_of(client: Any, pattern: str) -> int:

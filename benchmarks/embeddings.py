@@ -30,7 +30,6 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from urllib.parse import quote
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.run import Stack, interleaved, write_photos  # noqa: E402
+from benchmarks.run import Stack, free_port, interleaved, worker_metric, write_photos  # noqa: E402
 
 TARGETS = {"embedding_ratio": 0.95, "cache_hit_share": 0.99, "cache_speedup": 20.0}
 
@@ -102,15 +101,6 @@ def timed_job(
     return end - start
 
 
-def cache_hits(port: int) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return sum(
-        float(line.split()[-1])
-        for line in text.splitlines()
-        if line.startswith("imgq_worker_cache_hits_total{")
-    )
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--postgres-url", default=os.environ.get("IMGQ_BENCH_VECTORS_URL", ""))
@@ -128,7 +118,6 @@ def main() -> None:
     from producer.api import Client
     from producer.embedded_pg import EmbeddedPostgres
     from shared.settings import Settings
-    from tests.conftest import free_port
 
     work = Path(tempfile.mkdtemp(prefix="imgq-bench-embed-"))
     build_pair(work)
@@ -189,11 +178,13 @@ def main() -> None:
             )
             cached = photos[: args.cache_images]
             first = timed_job(client, cached, "bench_features")
-            before = cache_hits(port)
+            before = worker_metric(port, "imgq_worker_cache_hits_total")
             second = timed_job(client, cached, "bench_features")
             out["cache_first_s"] = round(first, 2)
             out["cache_second_s"] = round(second, 2)
-            out["cache_hit_share"] = (cache_hits(port) - before) / len(cached)
+            out["cache_hit_share"] = (
+                worker_metric(port, "imgq_worker_cache_hits_total") - before
+            ) / len(cached)
             out["cache_speedup"] = first / second
     finally:
         stack.close()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import socket
 import sys
 import time
 from pathlib import Path
@@ -28,18 +27,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.run import free_port  # noqa: E402
 from producer.embedded import LIST_COMPRESS_DEPTH  # noqa: E402
 
 MODEL = "bench_sweep"
 TASKS_PER_JOB = 20
 QUEUED_PER_JOB = 10
 HELD_PER_JOB = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def fill(app: Any, broker: Any, queued: int, stuck: int) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import socket
 import statistics
 import sys
 import tempfile
@@ -30,18 +29,12 @@ from run import (  # the sibling script, found through the path above
     Stack,
     build_resnet50,
     build_zeros,
+    free_port,
     interleaved,
     run_job,
     write_photos,
     write_tiny,
 )
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def capacity(stack: Stack, tiny: list[str], rounds: int, port: int) -> list[float]:

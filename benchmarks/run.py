@@ -45,8 +45,8 @@ prefer_bfc()
 TARGETS = {"efficiency": 0.90, "single_vs_chunked": 0.85, "capacity": 5000.0}
 SINGLE_DELAY_MS = 50
 # The model's own 1-image call is timed back to back, and with this pause before each
-# call, as a worker's calls come when 1-image jobs follow one another: on a VM, a call
-# after an idle moment is slower (the threads of TensorFlow's pool sleep meanwhile).
+# call, as a worker's calls come when 1-image jobs follow one another: on the VMs
+# measured, a call after an idle moment was slower (docs/benchmarks.md).
 SINGLE_GAP_S = 0.05
 MODEL_CALL_METRIC = "imgq_worker_model_call_seconds"
 

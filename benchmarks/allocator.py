@@ -12,6 +12,10 @@ then times ``--calls`` calls on 32-image float32 batches, each converted from a 
 array at the call. Printed per process: the median seconds per call, the CPU seconds per
 call spent in user and in kernel mode, the minor page faults per call, resident
 memory at the end and at its peak; then the medians per allocator and their ratio.
+Where TensorFlow turns oneDNN's operations on (CPUs with AVX-512 VNNI, BF16 or AMX),
+its CPU allocator is oneDNN's pool whatever ``TF_CPU_ALLOCATOR_USE_BFC`` says, and the
+two sides are the same allocator: the script says so, and ``--onednn off`` runs both
+with ``TF_ENABLE_ONEDNN_OPTS=0`` to compare malloc with BFC there.
 Workers use BFC unless ``TF_CPU_ALLOCATOR_USE_BFC`` says otherwise
 (``workers/tf_allocator.py``).
 """
@@ -61,6 +65,7 @@ def child(model_dir: Path, calls: int, batch: int) -> dict[str, Any]:
         system.append(after.ru_stime - before.ru_stime)
         faults.append(after.ru_minflt - before.ru_minflt)
     return {
+        "onednn": onednn_on(),
         "s_per_call": statistics.median(seconds),
         "user_s_per_call": statistics.mean(user),
         "sys_s_per_call": statistics.mean(system),
@@ -70,9 +75,20 @@ def child(model_dir: Path, calls: int, batch: int) -> dict[str, Any]:
     }
 
 
-def run_child(mode: str, model_dir: Path, calls: int, batch: int) -> dict[str, Any]:
+def onednn_on() -> bool:
+    """Whether this process's TensorFlow runs oneDNN's operations (and its allocator)."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def run_child(
+    mode: str, model_dir: Path, calls: int, batch: int, onednn: str = "default"
+) -> dict[str, Any]:
     """One process with allocator ``mode``; its figures."""
     env = {**os.environ, USE_BFC: MODES[mode]}
+    if onednn == "off":
+        env["TF_ENABLE_ONEDNN_OPTS"] = "0"
     args = [sys.executable, __file__, "--child", str(model_dir), f"--calls={calls}"]
     out = subprocess.run(
         [*args, f"--batch={batch}"], env=env, capture_output=True, text=True, check=False
@@ -89,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--keep", type=Path, help="a folder for the SavedModel (reused)")
     parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument(
+        "--onednn",
+        choices=("default", "off"),
+        default="default",
+        help="off: both sides with TF_ENABLE_ONEDNN_OPTS=0 (where oneDNN is on, its "
+        "allocator replaces both)",
+    )
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
@@ -107,14 +130,20 @@ def main(argv: list[str] | None = None) -> int:
             build_resnet50(model_dir)
         print(
             f"ResNet-50 (random weights), fp32, batch {args.batch}, {args.calls} timed calls "
-            f"per process, {args.rounds} processes per allocator, alternating"
+            f"per process, {args.rounds} processes per allocator, alternating, oneDNN "
+            f"{args.onednn}"
         )
         figures: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
         for r in range(args.rounds):
             order = list(MODES) if r % 2 == 0 else list(reversed(MODES))
             for mode in order:
-                f = run_child(mode, model_dir, args.calls, args.batch)
+                f = run_child(mode, model_dir, args.calls, args.batch, args.onednn)
                 figures[mode].append(f)
+                if f["onednn"] and r == 0 and mode == order[0]:
+                    print(
+                        "oneDNN is on: TensorFlow's CPU allocator is oneDNN's pool on "
+                        "both sides (--onednn off compares malloc with BFC)"
+                    )
                 print(
                     f"round {r + 1}: {mode:6s} {f['s_per_call']:6.3f} s/call "
                     f"({args.batch / f['s_per_call']:5.1f} img/s)  CPU user "

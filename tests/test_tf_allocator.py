@@ -33,7 +33,10 @@ def test_bfc_is_the_default_and_an_explicit_choice_wins() -> None:
 
 # Imports the worker's app, then TensorFlow, and counts the page faults of calls that
 # each allocate 256 MB: malloc maps such a block afresh at every call (65,536 faults
-# of 4 KiB), BFC hands the same memory out again.
+# of 4 KiB), BFC hands the same memory out again. The probes run with oneDNN's
+# operations off: where TensorFlow turns them on (CPUs with AVX-512 VNNI, BF16 or AMX),
+# its CPU allocator is oneDNN's, which pools large blocks whatever the variable says,
+# and malloc's faults could not be told from BFC's.
 PROBE = """
 import json, os, resource, sys
 import workers.app
@@ -57,7 +60,7 @@ def probe(**env: str) -> dict[str, object]:
     base = {k: v for k, v in os.environ.items() if k != USE_BFC}
     out = subprocess.run(
         [sys.executable, "-c", PROBE],
-        env={**base, "TF_CPP_MIN_LOG_LEVEL": "3", **env},
+        env={**base, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "0", **env},
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -17,7 +17,11 @@ TensorFlow reads the choice once, from the environment, when it first allocates 
 the CPU, so it is made before TensorFlow loads (``workers.app``). A value already in
 the environment wins: ``TF_CPU_ALLOCATOR_USE_BFC=false`` keeps malloc, and
 ``TF_CPU_BFC_MEM_LIMIT_IN_MB`` (TensorFlow's, 65536 by default) caps the pool.
-GPU memory has its own allocator and is not affected.
+GPU memory has its own allocator and is not affected. Where TensorFlow turns oneDNN's
+operations on (by default on CPUs with AVX-512 VNNI, BF16 or AMX; its log says "oneDNN
+custom operations are on"), its CPU allocator is oneDNN's, which already keeps and
+reuses large blocks: there the variable changes nothing (``TF_ENABLE_ONEDNN_OPTS=0``
+turns oneDNN off, and the choice made here applies again).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
+from celery import states
 from celery.signals import celeryd_after_setup
 
 from shared.contract import ResultDict
@@ -58,6 +59,45 @@ def store_records(job_id: str, model: str, chunk: int, records: Sequence[ResultD
     store.write_chunk(job_id, model, first_position(job_id, chunk), records)
     failed = sum(1 for r in records if r.get("error"))
     return {"ok": len(records) - failed, "failed": failed, "stored": store.kind}
+
+
+# STARTED, written only where the task has no outcome yet, in one step. Celery's own
+# store_result reads the state and then writes it, so a delivery that read "no
+# result" and wrote a moment later (a worker frozen in between, two deliveries at
+# once) put STARTED over the result another delivery had stored meanwhile: the task
+# counted as done and its records hidden, until the late delivery stored them again.
+_MARK_STARTED = """
+local current = redis.call('GET', KEYS[1])
+if current then
+    local ok, meta = pcall(cjson.decode, current)
+    if not ok or type(meta) ~= 'table' then
+        return 0
+    end
+    local status = meta['status']
+    if status == 'SUCCESS' or status == 'FAILURE' or status == 'REVOKED' then
+        return 0
+    end
+end
+local ttl = tonumber(ARGV[2])
+if ttl > 0 then
+    redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
+else
+    redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+def mark_started(backend: Any, task_id: str, meta: dict[str, Any], request: Any = None) -> bool:
+    """Record ``task_id`` as STARTED (with ``meta``) in a Redis result backend, unless it
+    already has an outcome there (SUCCESS, FAILURE, REVOKED, or a value that is not
+    Celery's JSON); whether it was written. Published as Celery publishes a state."""
+    state = backend._get_result_meta(meta, states.STARTED, None, request)
+    state["task_id"] = task_id
+    key = backend.get_key_for_task(task_id)
+    ttl = int(backend.expires or 0)
+    return bool(backend.client.eval(_MARK_STARTED, 1, key, backend.encode(state), ttl))
 
 
 def counts(retval: Any) -> tuple[int, int]:

@@ -23,7 +23,7 @@ from workers.app import app, job_store
 from workers.batcher import Skipped
 from workers.cancel import CancelWatch, drop_task
 from workers.liveness import current_worker_id, is_alive
-from workers.results import counts, results_store, store_records
+from workers.results import counts, mark_started, results_store, store_records
 from workers.state import get_runtime
 from workers.store_health import store_gate, unavailable
 
@@ -212,14 +212,17 @@ def _finished(tid: str) -> bool:
         return False
 
 
-def _mark_started(task: Task) -> None:
-    """STARTED in the result backend, for monitors (best effort: the task runs anyway)."""
+def _mark_started(task: Task) -> bool:
+    """STARTED in the result backend, for monitors, unless another delivery already
+    stored the task's outcome; whether it was written. Best effort: the task runs
+    anyway."""
     tid = task.request.id
     meta = {"pid": os.getpid(), "hostname": task.request.hostname or socket.gethostname()}
     try:
-        task.backend.store_result(tid, meta, states.STARTED, request=task.request)
+        return mark_started(task.backend, tid, meta, task.request)
     except Exception as exc:
         log.debug("task %s: could not record it as started (%s)", tid, exc)
+        return False
 
 
 def _store(task: Task, job_id: str, model: str, chunk: int, records: list[ResultDict]) -> Any:

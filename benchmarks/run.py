@@ -11,7 +11,8 @@ and real worker processes. Figures:
 1. pipeline efficiency: images/s through imgq (submit, queue, decode, infer, store,
    retrieve) / images/s of the same SavedModel called directly on decoded batches;
 2. single-image tasks with dynamic batching / 32-image chunks;
-3. queue capacity: the same path with a model that does no work (returns zeros);
+3. queue capacity: the same path with a model that does no work (returns zeros), and
+   a 1-image job through it (no model time: all of it imgq's);
 4. latency of a 1-image job on a warm worker against the model's own 1-image call
    (back to back and after a pause, in a bare process, and in the worker itself);
 5. memory: worker peak RSS against a bare process that loads the same SavedModel.
@@ -279,7 +280,17 @@ def measure_capacity(stack: Stack, tiny: list[str], runs: int = 3) -> dict[str, 
         (run_job(client, tiny, "bench_zeros", 512) for _ in range(runs)), key=lambda t: t.rate
     )
     median = timings[len(timings) // 2]
-    return median.__dict__ | {"rate": median.rate, "runs": [t.rate for t in timings]}
+    # A 1-image job through the same worker: with no model time, all of it is imgq's.
+    lone = [run_job(client, [tiny[i]], "bench_zeros", 1) for i in range(20)]
+    noop = {
+        part: statistics.median(getattr(t, part) for t in lone) * 1000
+        for part in ("seconds", "submit_s", "wait_s", "results_s")
+    }
+    return median.__dict__ | {
+        "rate": median.rate,
+        "runs": [t.rate for t in timings],
+        "noop_latency_ms": noop,
+    }
 
 
 def interleaved(
@@ -492,6 +503,12 @@ def report(r: dict[str, Any]) -> None:
             f"3 queue capacity, no-op model (median)      {k['rate']:8.0f} img/s "
             f"(target >= {TARGETS['capacity']:.0f}: {mark('capacity')}; submit "
             f"{k['submit_s']:.2f} s, wait {k['wait_s']:.2f} s, results {k['results_s']:.2f} s)"
+        )
+        lone = k["noop_latency_ms"]
+        print(
+            f"  1-image job, no-op model (median of 20): {lone['seconds']:.1f} ms, all of it "
+            f"imgq's (submit {lone['submit_s']:.1f}, wait {lone['wait_s']:.1f}, results "
+            f"{lone['results_s']:.1f})"
         )
     if "latency_ms" in r:
         singles = [d["single_ms"] for d in r["direct_runs"]]

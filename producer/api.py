@@ -13,6 +13,7 @@ Tasks are sent by name; nothing here imports TensorFlow.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -527,7 +528,8 @@ class Job:
             disable=not progress,
             dynamic_ncols=True,
         )
-        last_read = time.monotonic()
+        # The first wake reads at once: the end of a small job is not held back.
+        last_read = -math.inf
         try:
             while True:
                 if bar.total != status.images_total:  # a job still being listed grows
@@ -553,13 +555,15 @@ class Job:
                         f"job {self.job_id} not finished after {timeout:g} s "
                         f"({status.images_finished}/{status.images_total} image results)"
                     )
-                # Woken as soon as a task finishes, at most MIN_REFRESH_S apart (a
-                # big job finishes thousands of tasks a second); polled anyway
-                # every poll_interval.
+                # Woken as soon as a task finishes, then reading at most MIN_REFRESH_S
+                # apart (a big job finishes thousands of tasks a second); polled
+                # anyway every poll_interval. The pause comes after the wake, not
+                # before it: before, every wait began with one, and a job done
+                # within it (a 1-image job on a GPU, a cached one) waited it out.
+                listener.wait(poll_interval)
                 since = time.monotonic() - last_read
                 if since < MIN_REFRESH_S:
                     time.sleep(MIN_REFRESH_S - since)
-                listener.wait(poll_interval)
                 if check is not None:
                     check()
                 last_read = time.monotonic()

@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import redis
@@ -372,3 +373,36 @@ def test_cancel_sends_the_completion_callback_once(env: dict[str, str]) -> None:
         assert len(receiver.posts_to("/done")) == 1
     finally:
         receiver.stop()
+
+
+def test_a_waiting_producer_reads_the_first_wake_at_once_then_paces_its_reads(
+    client: Client, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each task finished wakes the producer; the first wake is read at once (a job
+    done in one task, a 1-image job on a GPU, ends with no pause), later ones at most
+    MIN_REFRESH_S apart (a big job finishes thousands of tasks a second)."""
+    import producer.api as api
+    from shared.jobs import ProgressListener
+
+    job = client.submit(images(env, 8), models=["jca"], chunk_size=4)  # 2 tasks
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        time.sleep(seconds)
+
+    monkeypatch.setattr(api, "time", SimpleNamespace(monotonic=time.monotonic, sleep=sleep))
+    wakes: list[int] = []
+
+    def a_task_finishes(self: ProgressListener, timeout: float) -> bool:
+        # As a worker does it: the task recorded as finished, the waiter told.
+        client.store.mark_finished(task_id(job.job_id, "jca", len(wakes)), ok=4, failed=0)
+        wakes.append(len(sleeps))
+        return True
+
+    monkeypatch.setattr(ProgressListener, "wait", a_task_finishes)
+    status = job.wait(progress=False, timeout=30)
+    assert status.finished and status.models["jca"].done == 8
+    assert wakes == [0, 0], "no pause before the first wake, nor before the second"
+    # The second wake came right after the first read: its read waits the rest out.
+    assert len(sleeps) == 1 and 0 < sleeps[0] <= api.MIN_REFRESH_S

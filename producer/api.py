@@ -528,8 +528,9 @@ class Job:
             disable=not progress,
             dynamic_ncols=True,
         )
-        # The first wake reads at once: the end of a small job is not held back.
-        last_read = -math.inf
+        # When the last read that a notification woke took place: the first one is
+        # read at once, so the end of a small job is not held back.
+        last_woken_read = -math.inf
         try:
             while True:
                 if bar.total != status.images_total:  # a job still being listed grows
@@ -555,18 +556,22 @@ class Job:
                         f"job {self.job_id} not finished after {timeout:g} s "
                         f"({status.images_finished}/{status.images_total} image results)"
                     )
-                # Woken as soon as a task finishes, then reading at most MIN_REFRESH_S
+                # Woken as soon as a task finishes, such reads at most MIN_REFRESH_S
                 # apart (a big job finishes thousands of tasks a second); polled
-                # anyway every poll_interval. The pause comes after the wake, not
-                # before it: before, every wait began with one, and a job done
-                # within it (a 1-image job on a GPU, a cached one) waited it out.
-                listener.wait(poll_interval)
-                since = time.monotonic() - last_read
-                if since < MIN_REFRESH_S:
-                    time.sleep(MIN_REFRESH_S - since)
+                # anyway every poll_interval. The pause comes after a wake, and only
+                # after one that a notification woke: when it came before every wait
+                # (or after a poll), a job done within it (a 1-image job on a GPU, a
+                # cached one) waited it out.
+                notified = listener.wait(poll_interval)
+                if notified:
+                    since = time.monotonic() - last_woken_read
+                    if since < MIN_REFRESH_S:
+                        time.sleep(MIN_REFRESH_S - since)
                 if check is not None:
                     check()
                 last_read = time.monotonic()
+                if notified:
+                    last_woken_read = last_read
                 if last_read - last_reclaim >= self.client.settings.heartbeat_interval:
                     last_reclaim = last_read
                     self._reclaim(reclaimer)

@@ -378,9 +378,10 @@ def test_cancel_sends_the_completion_callback_once(env: dict[str, str]) -> None:
 def test_a_waiting_producer_reads_the_first_wake_at_once_then_paces_its_reads(
     client: Client, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each task finished wakes the producer; the first wake is read at once (a job
-    done in one task, a 1-image job on a GPU, ends with no pause), later ones at most
-    MIN_REFRESH_S apart (a big job finishes thousands of tasks a second)."""
+    """Each task finished wakes the producer. A poll with no news and the first
+    notification are read at once (a job done in one task, a 1-image job on a GPU,
+    ends with no pause); a notification right after another is read MIN_REFRESH_S
+    after it (a big job finishes thousands of tasks a second)."""
     import producer.api as api
     from shared.jobs import ProgressListener
 
@@ -392,17 +393,22 @@ def test_a_waiting_producer_reads_the_first_wake_at_once_then_paces_its_reads(
         time.sleep(seconds)
 
     monkeypatch.setattr(api, "time", SimpleNamespace(monotonic=time.monotonic, sleep=sleep))
-    wakes: list[int] = []
+    wakes: list[int] = []  # the pauses taken before each wait
+    finished = 0
 
-    def a_task_finishes(self: ProgressListener, timeout: float) -> bool:
-        # As a worker does it: the task recorded as finished, the waiter told.
-        client.store.mark_finished(task_id(job.job_id, "jca", len(wakes)), ok=4, failed=0)
+    def wait(self: ProgressListener, timeout: float) -> bool:
+        nonlocal finished
         wakes.append(len(sleeps))
+        if len(wakes) == 1:
+            return False  # a poll: nothing new
+        # As a worker does it: the task recorded as finished, the waiter told.
+        client.store.mark_finished(task_id(job.job_id, "jca", finished), ok=4, failed=0)
+        finished += 1
         return True
 
-    monkeypatch.setattr(ProgressListener, "wait", a_task_finishes)
-    status = job.wait(progress=False, timeout=30)
+    monkeypatch.setattr(ProgressListener, "wait", wait)
+    status = job.wait(progress=False, timeout=30, poll_interval=0.01)
     assert status.finished and status.models["jca"].done == 8
-    assert wakes == [0, 0], "no pause before the first wake, nor before the second"
-    # The second wake came right after the first read: its read waits the rest out.
+    assert wakes == [0, 0, 0], "no pause before a wait, nor after a poll"
+    # The second notification came right after the first read: its read waits.
     assert len(sleeps) == 1 and 0 < sleeps[0] <= api.MIN_REFRESH_S

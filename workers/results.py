@@ -66,6 +66,7 @@ def store_records(job_id: str, model: str, chunk: int, records: Sequence[ResultD
 # result" and wrote a moment later (a worker frozen in between, two deliveries at
 # once) put STARTED over the result another delivery had stored meanwhile: the task
 # counted as done and its records hidden, until the late delivery stored them again.
+# ARGV: the STARTED value, its TTL (0: none), then Celery's outcome states.
 _MARK_STARTED = """
 local current = redis.call('GET', KEYS[1])
 if current then
@@ -73,9 +74,10 @@ if current then
     if not ok or type(meta) ~= 'table' then
         return 0
     end
-    local status = meta['status']
-    if status == 'SUCCESS' or status == 'FAILURE' or status == 'REVOKED' then
-        return 0
+    for i = 3, #ARGV do
+        if meta['status'] == ARGV[i] then
+            return 0
+        end
     end
 end
 local ttl = tonumber(ARGV[2])
@@ -97,7 +99,9 @@ def mark_started(backend: Any, task_id: str, meta: dict[str, Any], request: Any 
     state["task_id"] = task_id
     key = backend.get_key_for_task(task_id)
     ttl = int(backend.expires or 0)
-    return bool(backend.client.eval(_MARK_STARTED, 1, key, backend.encode(state), ttl))
+    outcomes = sorted(states.READY_STATES)  # SUCCESS, FAILURE, REVOKED
+    value = backend.encode(state)
+    return bool(backend.client.eval(_MARK_STARTED, 1, key, value, ttl, *outcomes))
 
 
 def counts(retval: Any) -> tuple[int, int]:
